@@ -1,0 +1,52 @@
+// Argument checks shared by every torchfast kernel. Each message names the op, the argument and what
+// is allowed, so a user who passes the wrong thing learns how to fix it from the error alone.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace torchfast {
+
+inline bool is_supported_float(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// dtype errors raise TypeError (c10::TypeError), the way torch does for wrong dtypes.
+inline void check_float(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), "torchfast.", op, ": argument '", arg,
+                   "' has dtype ", t.scalar_type(),
+                   "; supported dtypes are float32, float64, bfloat16 and float16");
+}
+
+inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* arg_a, const char* arg_b) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "torchfast.", op, ": '", arg_a,
+                   "' has dtype ", a.scalar_type(), " but '", arg_b, "' has dtype ",
+                   b.scalar_type(), "; they must match");
+}
+
+inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* arg_a, const char* arg_b) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "torchfast.", op, ": '", arg_a, "' has shape ", a.sizes(),
+              " but '", arg_b, "' has shape ", b.sizes(), "; they must match");
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                              const char* arg_a, const char* arg_b) {
+  TORCH_CHECK(a.device() == b.device(), "torchfast.", op, ": '", arg_a, "' is on ", a.device(),
+              " but '", arg_b, "' is on ", b.device(), "; they must be on the same device");
+}
+
+inline void check_strided(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.layout() == at::kStrided, "torchfast.", op, ": argument '", arg, "' has layout ",
+              t.layout(), "; only dense (strided) tensors are supported");
+}
+
+// Elementwise kernels walk memory linearly. A tensor that is non-overlapping and dense (contiguous,
+// channels-last, or any permutation of those) can be processed in place of its storage order with an
+// output of the same strides; anything else (a slice with gaps, an expanded view) is copied first.
+inline at::Tensor dense_or_contiguous(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+}
+
+}  // namespace torchfast

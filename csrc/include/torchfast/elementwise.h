@@ -1,0 +1,77 @@
+// Building blocks for the vectorized elementwise CPU kernels. Included only by `*_kernel.cpp` files,
+// which are compiled once per ISA: everything here sits in an ISA-specific namespace (through
+// at::vec's inline CPU_CAPABILITY namespace and our own), so the AVX-512 copy of a helper can never be
+// picked by the linker for the baseline copy.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <limits>
+
+namespace torchfast::cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Elements per task for at::parallel_for: big enough that a thread's work (about 32K elements,
+// 128 KB of fp32 in and out) dwarfs the cost of waking it, small enough to split 2^16 elements.
+constexpr int64_t kGrain = 32768;
+
+// sigmoid(x) = 1 / (1 + exp(-x)), in float. exp_u20 (a 20-ULP polynomial, no Sleef call) is about
+// twice as fast as Sleef's 1-ULP exp, and 20 ULP of exp is far below bf16/fp16 rounding and within
+// fp32 test tolerance. It saturates at FLT_MAX instead of overflowing, so where exp(-x) should be +inf
+// we put inf back: then swish(-inf) = -inf / inf = NaN, exactly what torch's own silu gives.
+inline Vectorized<float> exp_neg(const Vectorized<float>& x) {
+  const Vectorized<float> overflow(88.72283935546875f);  // ln(FLT_MAX)
+  const Vectorized<float> inf(std::numeric_limits<float>::infinity());
+  Vectorized<float> neg = x.neg();
+  return Vectorized<float>::blendv(neg.exp_u20(), inf, neg > overflow);
+}
+
+// Doubles use Sleef's exp: float64 is the precision users pick on purpose, so keep it exact.
+inline Vectorized<double> exp_neg(const Vectorized<double>& x) { return x.neg().exp(); }
+
+// Apply `fn` (taking and returning Vectorized<float> for reduced types, Vectorized<T> otherwise)
+// to n elements, split across threads.
+template <typename T, typename Fn>
+void parallel_map(const Fn& fn, T* out, const T* in, int64_t n) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    at::vec::map<T>(fn, out + begin, in + begin, end - begin);
+  });
+}
+
+template <typename T, typename Fn>
+void parallel_map2(const Fn& fn, T* out, const T* in1, const T* in2, int64_t n) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    at::vec::map2<T>(fn, out + begin, in1 + begin, in2 + begin, end - begin);
+  });
+}
+
+// Calls fn.template operator()<T>() with T the C++ type of `dtype` (one of the four float types).
+template <typename Fn>
+void dispatch_float(c10::ScalarType dtype, const Fn& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return fn(float{});
+    case c10::ScalarType::Double:
+      return fn(double{});
+    case c10::ScalarType::BFloat16:
+      return fn(c10::BFloat16{});
+    case c10::ScalarType::Half:
+      return fn(c10::Half{});
+    default:
+      TORCH_CHECK(false, "torchfast: internal error: unexpected dtype ", dtype);
+  }
+}
+
+// The vector type the math runs in: float for the reduced types (fp32 math inside), T otherwise.
+template <typename T>
+using compute_vec_t = Vectorized<std::conditional_t<std::is_same_v<T, double>, double, float>>;
+
+}  // namespace CPU_CAPABILITY
+}  // namespace torchfast::cpu
