@@ -1,1 +1,17 @@
+"""torchfast: fused CPU/CUDA/Triton kernels for PyTorch, as real torch.library operators.
 
+    import torchfast
+    y = torchfast.swish(x)                  # fused op, differentiable, compile/export friendly
+    model = nn.Sequential(nn.Linear(64, 64), torchfast.nn.Swish())
+    with torchfast.use_impl("triton"): ...  # choose an implementation per context (or impl= per call)
+    print(torchfast.build_info())
+"""
+
+from torchfast import _ext  # noqa: F401  (loads _C, or warns and falls back to references)
+from torchfast import nn, ops
+from torchfast._info import build_info
+from torchfast._registry import REGISTRY, use_impl
+from torchfast.ops import swish
+
+__version__ = "0.1.0"
+__all__ = ["REGISTRY", "build_info", "nn", "ops", "swish", "use_impl"]

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 namespace torchfast {
@@ -42,11 +43,14 @@ inline void check_strided(const at::Tensor& t, const char* op, const char* arg) 
               t.layout(), "; only dense (strided) tensors are supported");
 }
 
-// Elementwise kernels walk memory linearly. A tensor that is non-overlapping and dense (contiguous,
-// channels-last, or any permutation of those) can be processed in place of its storage order with an
-// output of the same strides; anything else (a slice with gaps, an expanded view) is copied first.
-inline at::Tensor dense_or_contiguous(const at::Tensor& t) {
-  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+// Elementwise kernels walk memory linearly, in the storage order of their output. The output is
+// at::empty_like(x): a non-overlapping dense x (contiguous, channels-last, transposed...) keeps its
+// strides, anything else gets the dense layout x.suggest_memory_format() names. That is exactly the
+// rule the fake kernels get from torch.empty_like, so fake and real outputs always agree. Each input is
+// then used as it is when it already has the output's strides, and copied into that layout otherwise.
+inline at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& out) {
+  if (t.strides() == out.strides() && t.is_non_overlapping_and_dense()) return t;
+  return at::empty_like(out).copy_(t);
 }
 
 }  // namespace torchfast

@@ -15,12 +15,11 @@ namespace torchfast {
 at::Tensor swish_cpu(const at::Tensor& x) {
   check_strided(x, "swish", "x");
   check_float(x, "swish", "x");
-  at::Tensor xd = dense_or_contiguous(x);
-  // empty_like keeps the strides of a dense input, so channels-last in gives channels-last out.
-  at::Tensor y = at::empty_like(xd);
-  if (xd.numel() > 0) {
-    TORCHFAST_CPU_DISPATCH(swish_fwd)(xd.scalar_type(), xd.const_data_ptr(), y.mutable_data_ptr(),
-                                      xd.numel());
+  at::Tensor y = at::empty_like(x);  // keeps a dense input's layout: channels-last stays so
+  if (y.numel() > 0) {
+    at::Tensor xd = laid_out_like(x, y);
+    TORCHFAST_CPU_DISPATCH(swish_fwd)(x.scalar_type(), xd.const_data_ptr(), y.mutable_data_ptr(),
+                                      y.numel());
   }
   return y;
 }
@@ -32,17 +31,13 @@ at::Tensor swish_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x) {
   check_same_device(grad_out, x, "swish_backward", "grad_out", "x");
   check_same_dtype(grad_out, x, "swish_backward", "grad_out", "x");
   check_same_shape(grad_out, x, "swish_backward", "grad_out", "x");
-  at::Tensor xd = dense_or_contiguous(x);
-  at::Tensor gd = grad_out;
-  // Both inputs are walked in the same linear order, so they need identical dense strides.
-  if (!gd.is_non_overlapping_and_dense() || gd.strides() != xd.strides()) {
-    xd = x.contiguous();
-    gd = grad_out.contiguous();
-  }
-  at::Tensor grad_in = at::empty_like(xd);
-  if (xd.numel() > 0) {
-    TORCHFAST_CPU_DISPATCH(swish_bwd)(xd.scalar_type(), gd.const_data_ptr(), xd.const_data_ptr(),
-                                      grad_in.mutable_data_ptr(), xd.numel());
+  at::Tensor grad_in = at::empty_like(x);
+  if (grad_in.numel() > 0) {
+    // A stride-0 grad_out (from .sum().backward()) or one of another layout is copied once.
+    at::Tensor xd = laid_out_like(x, grad_in);
+    at::Tensor gd = laid_out_like(grad_out, grad_in);
+    TORCHFAST_CPU_DISPATCH(swish_bwd)(x.scalar_type(), gd.const_data_ptr(), xd.const_data_ptr(),
+                                      grad_in.mutable_data_ptr(), grad_in.numel());
   }
   return grad_in;
 }

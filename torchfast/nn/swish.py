@@ -1,0 +1,30 @@
+"""Drop-in replacement for torch.nn.SiLU backed by the fused swish op."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchfast.ops.swish import swish
+
+
+class Swish(nn.Module):
+    """y = x * sigmoid(x), elementwise; same constructor, state and output as `torch.nn.SiLU`.
+
+    `inplace=True` is accepted so that code and repr written for nn.SiLU keep working, but the result
+    is returned in a new tensor: the fused backward recomputes from the saved input, which an in-place
+    write would destroy.
+    """
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return swish(input)
+
+    def extra_repr(self) -> str:
+        return "inplace=True" if self.inplace else ""
+
+
+SiLU = Swish
