@@ -1,0 +1,44 @@
+# Two entry points a new machine needs, each setting up what it uses (virtualenv, pinned torch, build):
+#   make demo   - the main job: train a small torchfast model, export it, verify it in onnxruntime
+#   make test   - the test suite, then the CUDA build check (builds the CUDA kernels without a GPU)
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# Pinned: an unpinned torch pulls a multi-GB CUDA build. 2.13.0 is a CPU build.
+TORCH_VERSION ?= 2.13.0
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+
+.PHONY: setup build demo test test-py cuda-check gpu-check bench clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==$(TORCH_VERSION)
+	$(VPY) -m pip install -q ninja "setuptools>=64" wheel
+	touch $@
+
+# Rebuilt when a C++/CUDA source changes; ninja recompiles only what changed.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(VPY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+setup build: $(VENV)/.built
+
+demo: $(VENV)/.built
+	$(VPY) -m torchfast demo
+
+test-py: $(VENV)/.built
+	$(VPY) -m pytest -q tests
+
+test: test-py cuda-check
+
+cuda-check:
+	bash scripts/check_cuda_build.sh
+
+gpu-check: $(VENV)/.built
+	bash scripts/gpu_check.sh
+
+bench: $(VENV)/.built
+	$(VPY) benchmarks/bench_swish.py
+
+clean:
+	rm -rf build dist *.egg-info torchfast/_C*.so $(VENV) .venv-cuda
