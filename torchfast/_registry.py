@@ -70,6 +70,7 @@ class OpSpec:
     sample_inputs: Callable[[torch.device, torch.dtype], list[tuple[tuple, dict]]]
     arg_names: tuple[str, ...]
     module: type | None = None
+    function: Callable | None = None  # the public, differentiable function (torchfast.<name>)
     onnx_translations: dict = field(default_factory=dict)
     onnx_symbolics: dict = field(default_factory=dict)
 
@@ -112,6 +113,11 @@ def select(spec: OpSpec, tensors: Sequence[torch.Tensor], impl: str | None) -> I
     for arg, t in zip(spec.arg_names, tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"torchfast.{spec.name}: argument '{arg}' must be a Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise RuntimeError(
+                f"torchfast.{spec.name}: argument '{arg}' has layout {t.layout}; only dense (strided) "
+                "tensors are supported (call .to_dense() first)"
+            )
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"torchfast.{spec.name}: argument '{arg}' has dtype {t.dtype}; "

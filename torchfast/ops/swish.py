@@ -149,3 +149,6 @@ def swish(x: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
     bf16/fp16 are computed in fp32 and rounded once. Differentiable; backward saves only `x`.
     """
     return select(SPEC, (x,), impl).fn(x)
+
+
+SPEC.function = swish

@@ -1,0 +1,74 @@
+"""Conformance: every op in torchfast.REGISTRY gets these checks automatically, so no op can skip them:
+opcheck, gradcheck (float64), torch.compile(fullgraph) forward+backward against eager, autocast."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import torchfast
+from torchfast.testing import assert_close
+
+from .conftest import DEVICES
+
+OPS = sorted(torchfast.REGISTRY)
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _float_tensors(args):
+    return [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_opcheck(name, device, dtype):
+    spec = torchfast.REGISTRY[name]
+    op = getattr(torch.ops.torchfast, name).default
+    for args, kwargs in spec.sample_inputs(device, dtype):
+        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        opcheck(op, args, kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_gradcheck_float64(name, device):
+    spec = torchfast.REGISTRY[name]
+    for args, kwargs in spec.sample_inputs(device, torch.float64)[:2]:
+        args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        fn = lambda *a: spec.function(*a, **kwargs)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_compile_fullgraph_forward_backward_matches_eager(name, device):
+    spec = torchfast.REGISTRY[name]
+    (args, kwargs) = spec.sample_inputs(device, torch.float32)[0]
+    fn = lambda *a: spec.function(*a, **kwargs)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True)
+    leaves = [a.detach().clone().requires_grad_() for a in _float_tensors(args)]
+    out_e = fn(*leaves)
+    grads_e = torch.autograd.grad(out_e.square().sum(), leaves)
+    out_c = compiled(*leaves)
+    grads_c = torch.autograd.grad(out_c.square().sum(), leaves)
+    assert_close(out_c, out_e, dtype=torch.float32)
+    for gc, ge in zip(grads_c, grads_e):
+        assert_close(gc, ge, dtype=torch.float32, what="grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_autocast_keeps_low_precision_inputs_and_matches(name, device):
+    """Inside torch.autocast, bf16 inputs are computed as they are (fp32 math inside the kernel) and
+    come back bf16, eager and compiled; the values match the op run outside autocast."""
+    spec = torchfast.REGISTRY[name]
+    (args, kwargs) = spec.sample_inputs(device, torch.bfloat16)[0]
+    fn = lambda *a: spec.function(*a, **kwargs)  # noqa: E731
+    expected = fn(*args)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = fn(*args)
+        out_c = torch.compile(fn, fullgraph=True)(*args)
+    assert out.dtype == out_c.dtype == expected.dtype
+    assert_close(out, expected.double(), dtype=torch.bfloat16)
+    assert_close(out_c, expected.double(), dtype=torch.bfloat16)
