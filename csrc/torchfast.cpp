@@ -19,6 +19,16 @@
 TORCH_LIBRARY(torchfast, m) {
   m.def("swish(Tensor x) -> Tensor");
   m.def("swish_backward(Tensor grad_out, Tensor x) -> Tensor");
+  m.def("bias_act(Tensor x, Tensor? bias, *, str act) -> Tensor");
+  m.def("bias_act_backward(Tensor grad_out, Tensor x, Tensor? bias, *, str act) -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("swiglu_packed(Tensor x) -> Tensor");
+  m.def("swiglu_packed_backward(Tensor grad_out, Tensor x) -> Tensor");
+  m.def("geglu(Tensor gate, Tensor up, *, str approximate=\"none\") -> Tensor");
+  m.def("geglu_backward(Tensor grad_out, Tensor gate, Tensor up, *, str approximate=\"none\") -> (Tensor, Tensor)");
+  m.def("geglu_packed(Tensor x, *, str approximate=\"none\") -> Tensor");
+  m.def("geglu_packed_backward(Tensor grad_out, Tensor x, *, str approximate=\"none\") -> Tensor");
 }
 
 namespace torchfast::cpu {

@@ -8,6 +8,8 @@ for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
+from torchfast.ops.bias_act import bias_act  # noqa: E402
+from torchfast.ops.glu import geglu, swiglu  # noqa: E402
 from torchfast.ops.swish import swish  # noqa: E402
 
-__all__ = ["swish"]
+__all__ = ["bias_act", "geglu", "swiglu", "swish"]

@@ -1,0 +1,151 @@
+// Vectorized activation functions and their derivatives, shared by the bias_act and glu CPU kernels.
+// Included only by `*_kernel.cpp` files (compiled once per ISA); V is Vectorized<float> (float32 and,
+// widened, bfloat16/float16) or Vectorized<double>.
+//
+// Special values follow torch's float64 results, which are the mathematically right ones:
+//   gelu(+inf) = +inf, gelu(-inf) = NaN (-inf * 0), gelu'(+-inf) = NaN, gelu'(-1e30) = 0.
+// torch's own float32 CPU kernels differ in two places, both artifacts of their formulas: F.gelu gives
+// NaN at +inf (float32 only), and gelu_tanh's gradient is NaN for |x| > ~1e13 where x^3 overflows.
+#pragma once
+
+#include <torchfast/act_codes.h>
+#include <torchfast/elementwise.h>
+
+namespace torchfast::cpu {
+inline namespace CPU_CAPABILITY {
+
+// relu(x) = x > 0 ? x : 0, NaN kept. Its gradient follows torch's threshold_backward: the gradient
+// passes where !(x <= 0), so a NaN input passes its gradient through, as in torch.
+struct Relu {
+  template <typename V>
+  static V fwd(const V& x) {
+    return V::blendv(x, V(0), x <= V(0));
+  }
+  template <typename V>
+  static V bwd(const V& g, const V& x) {
+    return V::blendv(g, V(0), x <= V(0));
+  }
+};
+
+struct Identity {
+  template <typename V>
+  static V fwd(const V& x) {
+    return x;
+  }
+  template <typename V>
+  static V bwd(const V& g, const V&) {
+    return g;
+  }
+};
+
+// swish(x) = x * s, s = sigmoid(x);  swish'(x) = s * (1 + x * (1 - s)).  (See swish_kernel.cpp for
+// why exp_neg.)
+struct Swish {
+  template <typename V>
+  static V fwd(const V& x) {
+    return x / (V(1) + exp_neg(x));
+  }
+  // y = act(x) and d = act'(x) together, sharing the exponential.
+  template <typename V>
+  static void fwd_deriv(const V& x, V& y, V& d) {
+    const V one(1);
+    V s = one / (one + exp_neg(x));
+    y = x * s;
+    d = s * (one + x * (one - s));
+  }
+  template <typename V>
+  static V bwd(const V& g, const V& x) {
+    V y, d;
+    fwd_deriv(x, y, d);
+    return g * d;
+  }
+};
+
+// gelu(x) = x * Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2;  gelu'(x) = Phi(x) + x * phi(x),
+// phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+// Phi comes from erfc (Sleef's 1.5-ULP erfcf on x86, std::erfc in the DEFAULT build), not from
+// 1 + erf(x / sqrt 2): for negative x that sum cancels, and ATen's fast float erf (Abramowitz-Stegun
+// 7.1.26, 1.5e-7 absolute) leaves a relative error of 25% at x = -5. With erfc the tail is accurate
+// to a few ULP, e.g. gelu'(-10) = -7.7e-22 in float32 where torch's float32 kernel returns 0.
+struct Gelu {
+  template <typename V>
+  static V cdf(const V& x) {
+    return V(0.5) * (x * V(-M_SQRT1_2)).erfc();
+  }
+  template <typename V>
+  static V pdf(const V& x) {
+    constexpr double kInvSqrt2Pi = 0.3989422804014327;  // 1 / sqrt(2 pi)
+    return V(kInvSqrt2Pi) * (x * x * V(-0.5)).exp();
+  }
+  template <typename V>
+  static V fwd(const V& x) {
+    return x * cdf(x);
+  }
+  template <typename V>
+  static void fwd_deriv(const V& x, V& y, V& d) {
+    V c = cdf(x);
+    y = x * c;
+    d = c + x * pdf(x);
+  }
+  template <typename V>
+  static V bwd(const V& g, const V& x) {
+    return g * (cdf(x) + x * pdf(x));
+  }
+};
+
+// gelu_tanh(x) = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3)   (Hendrycks & Gimpel).
+// 1 + tanh(u) = 2 sigmoid(2u), so y = x * s with s = sigmoid(2u): one exponential instead of a tanh,
+// and no cancellation in 1 + tanh(u) for negative u.
+//   gelu_tanh'(x) = s + x * 2 s (1 - s) * u',   u' = sqrt(2/pi) * (1 + 3 * 0.044715 x^2).
+// The polynomial u' is evaluated at x clamped to +-1e4 (where s is already exactly 0 or 1), so
+// x^2 cannot overflow into 0 * inf = NaN for large finite x; x itself is not clamped, so +-inf and
+// NaN still give NaN as in torch.
+struct GeluTanh {
+  static constexpr double kBeta = 0.7978845608028654;  // sqrt(2 / pi)
+  static constexpr double kKappa = 0.044715;
+  template <typename V>
+  static V sig2u(const V& x) {
+    V u = V(kBeta) * x * (V(1) + V(kKappa) * x * x);
+    return V(1) / (V(1) + exp_neg(u + u));
+  }
+  template <typename V>
+  static V fwd(const V& x) {
+    return x * sig2u(x);
+  }
+  template <typename V>
+  static void fwd_deriv(const V& x, V& y, V& d) {
+    const V one(1);
+    V s = sig2u(x);
+    V xc = at::vec::clamp(x, V(-1e4), V(1e4));
+    V du = V(kBeta) * (one + V(3 * kKappa) * xc * xc);
+    y = x * s;
+    d = s + (x * s * (one - s)) * (V(2) * du);
+  }
+  template <typename V>
+  static V bwd(const V& g, const V& x) {
+    V y, d;
+    fwd_deriv(x, y, d);
+    return g * d;
+  }
+};
+
+// Calls fn(Act{}) with the functor of activation `code` (see act_codes.h).
+template <typename Fn>
+void dispatch_act(int code, const Fn& fn) {
+  switch (static_cast<ActCode>(code)) {
+    case ActCode::Identity:
+      return fn(Identity{});
+    case ActCode::Relu:
+      return fn(Relu{});
+    case ActCode::Gelu:
+      return fn(Gelu{});
+    case ActCode::GeluTanh:
+      return fn(GeluTanh{});
+    case ActCode::Swish:
+      return fn(Swish{});
+  }
+  TORCH_CHECK(false, "torchfast: internal error: unknown activation code ", code);
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace torchfast::cpu
