@@ -46,7 +46,8 @@ def act_fn(act: str, x: torch.Tensor) -> torch.Tensor:
     if act == "relu":
         return F.relu(x)
     if act == "gelu":
-        return F.gelu(x)
+        # erfc, not F.gelu's 1 + erf: exact in the negative tail (F.gelu(-20) is 0 even in float64)
+        return 0.5 * x * torch.special.erfc(-x / math.sqrt(2))
     if act == "gelu_tanh":
         return F.gelu(x, approximate="tanh")
     if act == "swish":

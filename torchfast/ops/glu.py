@@ -309,8 +309,9 @@ def _check_packed_width(x, op):
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] % 2:
         width = "0-dimensional" if isinstance(x, torch.Tensor) and x.dim() == 0 else \
             f"of odd width {x.shape[-1]}" if isinstance(x, torch.Tensor) else "not a Tensor"
-        raise ValueError(f"torchfast.{op}: with 'up' omitted, argument 'gate' is a packed [..., 2H] tensor "
-                         f"holding the gate and up halves side by side, but it is {width}")
+        raise ValueError(f"torchfast.{op}: with 'up' omitted, argument 'gate' is taken as a packed [..., 2H] "
+                         f"tensor holding the gate and up halves side by side (op {op}_packed, argument 'x'), "
+                         f"but it is {width}")
 
 
 def _check_same(gate, up, op):
@@ -332,7 +333,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, impl: str | No
     recomputes the activation.
     """
     if up is None:
-        impl_ = select(SWIGLU_PACKED, (gate,), impl)
+        impl_ = select(SWIGLU_PACKED, (gate,), impl)  # (its errors name the packed op and its argument 'x')
         _check_packed_width(gate, "swiglu")
         return impl_.fn(gate)
     impl_ = select(SWIGLU, (gate, up), impl)
@@ -357,13 +358,13 @@ def geglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, approximate: st
 SWIGLU = _spec("swiglu", SCHEMAS_SWIGLU, swiglu_reference, lambda g, u: torch.ops.torchfast.swiglu(g, u),
                ("gate", "up"), _samples_pair([{}]), swiglu)
 SWIGLU_PACKED = _spec("swiglu_packed", SCHEMAS_SWIGLU_PACKED, swiglu_reference,
-                      lambda x: torch.ops.torchfast.swiglu_packed(x), ("gate",), _samples_packed([{}]), swiglu)
+                      lambda x: torch.ops.torchfast.swiglu_packed(x), ("x",), _samples_packed([{}]), swiglu)
 _APPROX = [{"approximate": "none"}, {"approximate": "tanh"}]
 GEGLU = _spec("geglu", SCHEMAS_GEGLU, geglu_reference,
               lambda g, u, approximate="none": torch.ops.torchfast.geglu(g, u, approximate=approximate),
               ("gate", "up"), _samples_pair(_APPROX), geglu)
 GEGLU_PACKED = _spec("geglu_packed", SCHEMAS_GEGLU_PACKED, geglu_reference,
                      lambda x, approximate="none": torch.ops.torchfast.geglu_packed(x, approximate=approximate),
-                     ("gate",), _samples_packed(_APPROX), geglu)
+                     ("x",), _samples_packed(_APPROX), geglu)
 
 __all__ = ["geglu", "geglu_reference", "glu_backward_reference", "swiglu", "swiglu_reference"]
