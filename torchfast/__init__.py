@@ -8,10 +8,10 @@
 """
 
 from torchfast import _ext  # noqa: F401  (loads _C, or warns and falls back to references)
-from torchfast import nn, ops
+from torchfast import export, nn, ops
 from torchfast._info import build_info
 from torchfast._registry import REGISTRY, use_impl
 from torchfast.ops import bias_act, geglu, swiglu, swish
 
 __version__ = "0.1.0"
-__all__ = ["REGISTRY", "bias_act", "build_info", "geglu", "nn", "ops", "swiglu", "swish", "use_impl"]
+__all__ = ["REGISTRY", "bias_act", "build_info", "export", "geglu", "nn", "ops", "swiglu", "swish", "use_impl"]
