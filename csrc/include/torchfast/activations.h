@@ -11,6 +11,8 @@
 #include <torchfast/act_codes.h>
 #include <torchfast/elementwise.h>
 
+#include <type_traits>
+
 namespace torchfast::cpu {
 inline namespace CPU_CAPABILITY {
 
@@ -63,33 +65,71 @@ struct Swish {
 
 // gelu(x) = x * Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2;  gelu'(x) = Phi(x) + x * phi(x),
 // phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
-// Phi comes from erfc (Sleef's 1.5-ULP erfcf on x86, std::erfc in the DEFAULT build), not from
-// 1 + erf(x / sqrt 2): for negative x that sum cancels, and ATen's fast float erf (Abramowitz-Stegun
-// 7.1.26, 1.5e-7 absolute) leaves a relative error of 25% at x = -5. With erfc the tail is accurate
-// to a few ULP, e.g. gelu'(-10) = -7.7e-22 in float32 where torch's float32 kernel returns 0.
-struct Gelu {
+// Phi comes from erfc, not from 1 + erf(x / sqrt 2): for negative x that sum cancels, and ATen's fast
+// float erf (Abramowitz-Stegun 7.1.26, 1.5e-7 absolute) leaves a relative error of 25% at x = -5 (in
+// torch's own F.gelu too). In float we write, with z = |x| / sqrt 2 and t = 1 / (1 + z/2),
+//     erfc(z) = t * exp(-z^2) * R(t),    R(t) = erfcx(z) / t, smooth on t in (0, 1],
+// as in Numerical Recipes' erfcc (Press et al., sec. 6.2, which puts log R in the exponent instead).
+// R is a polynomial fitted for relative error (scripts/fit_gelu_erfc.py): degree 9, 3.2e-7 with float
+// Horner, for float32 outputs; degree 6, 1.3e-5, for bf16/fp16 outputs, whose own rounding is 3.9e-3 /
+// 4.9e-4. exp(-z^2) is ATen's exp_u20 (20 ULP) and serves both Phi and phi, so the forward and the
+// backward cost one exponential and one division each. What remains is the float rounding of z^2
+// inside the exponential: a relative error of about z^2 * 1.2e-7, 1e-6 at x = -4 and 1.4e-5 at x = -12
+// where gelu(x) is -2e-32. So the tails stay accurate (gelu'(-10) = -7.7e-22 in float32, where torch's
+// float32 kernel returns 0). float64 keeps Sleef's 1.5-ULP erfc (std::erfc in the DEFAULT build).
+template <bool kReducedOutput>
+struct GeluErf {
+  static constexpr double kInvSqrt2Pi = 0.3989422804014327;  // 1 / sqrt(2 pi)
+
+  // Phi(x) and exp(-x^2 / 2), float only.
   template <typename V>
-  static V cdf(const V& x) {
-    return V(0.5) * (x * V(-M_SQRT1_2)).erfc();
-  }
-  template <typename V>
-  static V pdf(const V& x) {
-    constexpr double kInvSqrt2Pi = 0.3989422804014327;  // 1 / sqrt(2 pi)
-    return V(kInvSqrt2Pi) * (x * x * V(-0.5)).exp();
+  static V cdf(const V& x, V& e) {
+    V z = x.abs() * V(M_SQRT1_2);
+    V t = V(1) / (V(1) + V(0.5) * z);
+    V r;
+    if constexpr (kReducedOutput) {
+      r = V(0.0568109653);
+      for (double c : {-0.254106823, 0.258356148, 0.120144216, 0.255022282, 0.281661987, 0.282098408}) {
+        r = at::vec::fmadd(r, t, V(c));
+      }
+    } else {
+      r = V(-0.025522865);
+      for (double c : {0.0644614299, 0.0307534424, -0.198549117, 0.0794693494, 0.0582615236, 0.180414909,
+                       0.246512203, 0.282104219, 0.282094747}) {
+        r = at::vec::fmadd(r, t, V(c));
+      }
+    }
+    e = (z * z).neg().exp_u20();
+    V half_erfc = V(0.5) * t * e * r;  // Phi(-|x|)
+    return V::blendv(V(1) - half_erfc, half_erfc, x <= V(0));
   }
   template <typename V>
   static V fwd(const V& x) {
-    return x * cdf(x);
+    if constexpr (std::is_same_v<V, Vectorized<double>>) {
+      return x * (V(0.5) * (x * V(-M_SQRT1_2)).erfc());
+    } else {
+      V e;
+      return x * cdf(x, e);
+    }
   }
   template <typename V>
   static void fwd_deriv(const V& x, V& y, V& d) {
-    V c = cdf(x);
-    y = x * c;
-    d = c + x * pdf(x);
+    if constexpr (std::is_same_v<V, Vectorized<double>>) {
+      V c = V(0.5) * (x * V(-M_SQRT1_2)).erfc();
+      y = x * c;
+      d = c + x * (V(kInvSqrt2Pi) * (x * x * V(-0.5)).exp());
+    } else {
+      V e;
+      V c = cdf(x, e);
+      y = x * c;
+      d = c + x * (V(kInvSqrt2Pi) * e);
+    }
   }
   template <typename V>
   static V bwd(const V& g, const V& x) {
-    return g * (cdf(x) + x * pdf(x));
+    V y, d;
+    fwd_deriv(x, y, d);
+    return g * d;
   }
 };
 
@@ -129,8 +169,11 @@ struct GeluTanh {
   }
 };
 
-// Calls fn(Act{}) with the functor of activation `code` (see act_codes.h).
-template <typename Fn>
+template <typename T>
+using Gelu = GeluErf<at::vec::is_reduced_floating_point_v<T>>;
+
+// Calls fn(Act{}) with the functor of activation `code` (see act_codes.h) for data of type T.
+template <typename T, typename Fn>
 void dispatch_act(int code, const Fn& fn) {
   switch (static_cast<ActCode>(code)) {
     case ActCode::Identity:
@@ -138,7 +181,7 @@ void dispatch_act(int code, const Fn& fn) {
     case ActCode::Relu:
       return fn(Relu{});
     case ActCode::Gelu:
-      return fn(Gelu{});
+      return fn(Gelu<T>{});
     case ActCode::GeluTanh:
       return fn(GeluTanh{});
     case ActCode::Swish:

@@ -6,6 +6,7 @@
 
 #include <torchfast/act_names.h>
 #include <torchfast/checks.h>
+#include <torchfast/cpu_alloc.h>
 #include <torchfast/cpu_isa.h>
 #include <torchfast/rows.h>
 
@@ -54,7 +55,7 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bi
   check_float(x, op, "x");
   const int code = static_cast<int>(parse_act(std::string(act), op, "act"));
   if (!bias.has_value()) {
-    at::Tensor y = at::empty_like(x);
+    at::Tensor y = hinted(at::empty_like(x));
     if (y.numel() > 0) {
       at::Tensor xd = laid_out_like(x, y);
       TORCHFAST_CPU_DISPATCH(bias_act_fwd)(x.scalar_type(), code, 1, y.numel(), RowPtr{xd.const_data_ptr(), 0},
@@ -63,7 +64,7 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bi
     return y;
   }
   check_bias(x, *bias, op);
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = hinted(at::empty(x.sizes(), x.options()));
   if (y.numel() > 0) {
     auto [xk, xr] = as_rows(x);
     at::Tensor b = bias_compute(*bias);
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward_cpu(const at::Tensor& grad_
   check_same_shape(grad_out, x, op, "grad_out", "x");
   const int code = static_cast<int>(parse_act(std::string(act), op, "act"));
   if (!bias.has_value()) {
-    at::Tensor grad_in = at::empty_like(x);
+    at::Tensor grad_in = hinted(at::empty_like(x));
     if (grad_in.numel() > 0) {
       // A stride-0 grad_out (from .sum().backward()) or one of another layout is copied once.
       at::Tensor xd = laid_out_like(x, grad_in);
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward_cpu(const at::Tensor& grad_
     return {grad_in, at::empty({0}, x.options())};
   }
   check_bias(x, *bias, op);
-  at::Tensor grad_in = at::empty(x.sizes(), x.options());
+  at::Tensor grad_in = hinted(at::empty(x.sizes(), x.options()));
   at::Tensor grad_bias = at::empty({x.size(-1)}, x.options().dtype(compute_type(x)));
   if (x.numel() == 0) {
     grad_bias.zero_();

@@ -23,7 +23,7 @@ namespace {
 template <typename Fn>
 void dispatch(c10::ScalarType dtype, int act, bool has_bias, const Fn& fn) {
   dispatch_float(dtype, [&](auto tag) {
-    dispatch_act(act, [&](auto a) {
+    dispatch_act<decltype(tag)>(act, [&](auto a) {
       if (has_bias) {
         fn(tag, a, std::true_type{});
       } else {

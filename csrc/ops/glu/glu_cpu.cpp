@@ -7,6 +7,7 @@
 
 #include <torchfast/act_names.h>
 #include <torchfast/checks.h>
+#include <torchfast/cpu_alloc.h>
 #include <torchfast/cpu_isa.h>
 #include <torchfast/rows.h>
 
@@ -70,7 +71,7 @@ void run_same_shape(const std::array<at::Tensor, NI>& ins, const std::array<at::
 
 at::Tensor glu_forward(const at::Tensor& gate, const at::Tensor& up, ActCode act, const char* op) {
   check_pair(gate, up, op, "gate", "up");
-  at::Tensor out = at::empty_like(gate);
+  at::Tensor out = hinted(at::empty_like(gate));
   run_same_shape<2, 1>({gate, up}, {out}, [&](int64_t rows, int64_t cols, auto in, auto o) {
     TORCHFAST_CPU_DISPATCH(glu_fwd)(gate.scalar_type(), static_cast<int>(act), rows, cols, in[0], in[1], o[0]);
   });
@@ -84,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& grad_out, cons
   check_same_device(grad_out, gate, op, "grad_out", "gate");
   check_same_dtype(grad_out, gate, op, "grad_out", "gate");
   check_same_shape(grad_out, gate, op, "grad_out", "gate");
-  at::Tensor grad_gate = at::empty_like(gate);
-  at::Tensor grad_up = at::empty_like(gate);
+  at::Tensor grad_gate = hinted(at::empty_like(gate));
+  at::Tensor grad_up = hinted(at::empty_like(gate));
   run_same_shape<3, 2>({grad_out, gate, up}, {grad_gate, grad_up},
                        [&](int64_t rows, int64_t cols, auto in, auto o) {
                          TORCHFAST_CPU_DISPATCH(glu_bwd)(gate.scalar_type(), static_cast<int>(act), rows, cols,
@@ -115,7 +116,7 @@ at::Tensor glu_packed_forward(const at::Tensor& x, ActCode act, const char* op) 
   const int64_t h = half_width(x, op);
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = h;
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = hinted(at::empty(shape, x.options()));
   if (out.numel() > 0) {
     auto [xk, xr] = as_rows(x);
     auto [g, u] = halves(xr, h, x.element_size());
@@ -137,7 +138,7 @@ at::Tensor glu_packed_backward(const at::Tensor& grad_out, const at::Tensor& x, 
   TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(shape), "torchfast.", op, ": 'grad_out' has shape ",
               grad_out.sizes(), " but the output of a packed 'x' of shape ", x.sizes(), " has shape ",
               c10::IntArrayRef(shape));
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_x = hinted(at::empty(x.sizes(), x.options()));
   if (grad_x.numel() > 0) {
     auto [gk, gr] = as_rows(grad_out);
     auto [xk, xr] = as_rows(x);

@@ -22,7 +22,7 @@ void dispatch_glu(c10::ScalarType dtype, int act, const Fn& fn) {
       case ActCode::Swish:
         return fn(tag, Swish{});
       case ActCode::Gelu:
-        return fn(tag, Gelu{});
+        return fn(tag, Gelu<decltype(tag)>{});
       case ActCode::GeluTanh:
         return fn(tag, GeluTanh{});
       default:
