@@ -211,7 +211,9 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, *, act: str, impl: str 
     check_act(act, "bias_act")
     tensors = (x,) if bias is None else (x, bias)
     spec_impl = select(SPEC, tensors, impl)
-    if bias is not None:  # plain checks (not torch._check with a message closure): dynamo traces them
+    # Plain checks (dynamo traces them; torch._check with a message closure it cannot). Skipped under the
+    # TorchScript tracer, where sizes are traced tensors and comparing them warns: the op checks again.
+    if bias is not None and not torch.jit.is_tracing():
         if x.dim() == 0:
             raise RuntimeError("torchfast.bias_act: 'x' is 0-dimensional, but a bias is added along its last "
                                "dimension; pass bias=None or give x at least one dimension")
@@ -223,3 +225,33 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, *, act: str, impl: str 
 
 SPEC.function = bias_act
 __all__ = ["ACTS", "bias_act", "bias_act_reference", "bias_act_backward_reference"]
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+# Standard-domain ONNX only: Add for the bias, then the activation (torchfast/ops/_activations.py:
+# Relu; Gelu from opset 20, Erf/Tanh decompositions below; Swish from 24, Sigmoid+Mul below).
+from torchfast.export._tables import onnx_opset  # noqa: E402
+from torchfast.ops._activations import LEGACY_OPSETS, ONNX_OPSETS, legacy_act, onnx_act  # noqa: E402
+
+
+def _bias_act_translation(opset):
+    def translate(x, bias, act="identity"):
+        op = onnx_opset(opset)
+        return onnx_act(op, x if bias is None else op.Add(x, bias), act, opset)
+
+    return translate
+
+
+def _bias_act_symbolic(opset):
+    def symbolic(g, x, bias, act):
+        from torch.onnx import symbolic_helper  # here, not at import: torchfast does not import torch.onnx
+
+        act = symbolic_helper._parse_arg(act, "s")
+        return legacy_act(g, x if symbolic_helper._is_none(bias) else g.op("Add", x, bias), act, opset)
+
+    return symbolic
+
+
+SPEC.onnx_translations["bias_act"] = {o: _bias_act_translation(o) for o in ONNX_OPSETS}
+SPEC.onnx_symbolics["bias_act"] = {o: _bias_act_symbolic(o) for o in LEGACY_OPSETS}
+# --- end ONNX ---------------------------------------------------------------------------------------

@@ -305,7 +305,12 @@ def _spec(name, schemas, reference, native, arg_names, samples, function):
     ))
 
 
+# The public functions check shapes in Python for messages in the caller's terms; the ops check again.
+# Skipped under the TorchScript tracer, where sizes are traced tensors and comparing them warns.
+
 def _check_packed_width(x, op):
+    if torch.jit.is_tracing():
+        return
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] % 2:
         width = "0-dimensional" if isinstance(x, torch.Tensor) and x.dim() == 0 else \
             f"of odd width {x.shape[-1]}" if isinstance(x, torch.Tensor) else "not a Tensor"
@@ -315,7 +320,7 @@ def _check_packed_width(x, op):
 
 
 def _check_same(gate, up, op):
-    if gate.shape != up.shape:
+    if not torch.jit.is_tracing() and gate.shape != up.shape:
         raise RuntimeError(f"torchfast.{op}: 'gate' has shape {tuple(gate.shape)} but 'up' has shape "
                            f"{tuple(up.shape)}; they must match")
 
@@ -368,3 +373,43 @@ GEGLU_PACKED = _spec("geglu_packed", SCHEMAS_GEGLU_PACKED, geglu_reference,
                      ("x",), _samples_packed(_APPROX), geglu)
 
 __all__ = ["geglu", "geglu_reference", "glu_backward_reference", "swiglu", "swiglu_reference"]
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+# Standard-domain ONNX only: act(gate) * up with the activation of torchfast/ops/_activations.py
+# (Gelu from opset 20, Swish from 24, decompositions below), and for the packed form a Split of the
+# last dimension into two equal halves (`num_outputs` from opset 18, equal split before).
+from torchfast.export._tables import onnx_opset  # noqa: E402
+from torchfast.ops._activations import LEGACY_OPSETS, ONNX_OPSETS, legacy_act, onnx_act  # noqa: E402
+
+
+def _glu_translation(name, packed, opset):
+    def translate(*inputs, approximate="none"):
+        op = onnx_opset(opset)
+        gate, up = op.Split(inputs[0], axis=-1, num_outputs=2, _outputs=2) if packed else inputs
+        return op.Mul(onnx_act(op, gate, _act(name, approximate), opset), up)
+
+    return translate
+
+
+def _glu_symbolic(name, packed, opset):
+    def symbolic(g, *inputs):
+        from torch.onnx import symbolic_helper  # here, not at import: torchfast does not import torch.onnx
+
+        n = 1 if packed else 2
+        approximate = symbolic_helper._parse_arg(inputs[n], "s") if len(inputs) > n else "none"
+        if packed:
+            extra = {"num_outputs_i": 2} if opset >= 18 else {}
+            gate, up = g.op("Split", inputs[0], axis_i=-1, outputs=2, **extra)
+        else:
+            gate, up = inputs[:2]
+        return g.op("Mul", legacy_act(g, gate, _act(name, approximate), opset), up)
+
+    return symbolic
+
+
+for _name, _packed, _spec in (("swiglu", False, SWIGLU), ("swiglu_packed", True, SWIGLU_PACKED),
+                              ("geglu", False, GEGLU), ("geglu_packed", True, GEGLU_PACKED)):
+    _spec.onnx_translations[_name] = {o: _glu_translation(_name, _packed, o) for o in ONNX_OPSETS}
+    _spec.onnx_symbolics[_name] = {o: _glu_symbolic(_name, _packed, o) for o in sorted({*LEGACY_OPSETS, 18})}
+# --- end ONNX ---------------------------------------------------------------------------------------
