@@ -20,6 +20,8 @@ class GELU(nn.Module):
         self.approximate = approximate
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # the dispatcher op, as in torchfast/nn/swish.py
+            return torch.ops.torchfast.bias_act(input, None, act=self._act)
         return bias_act(input, None, act=self._act)
 
     def extra_repr(self) -> str:

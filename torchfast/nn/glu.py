@@ -27,6 +27,8 @@ class SwiGLU(_GatedMLP):
     fused op whose backward saves only the two projections' outputs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # the dispatcher op, as in torchfast/nn/swish.py
+            return self.down_proj(torch.ops.torchfast.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -40,6 +42,9 @@ class GeGLU(_GatedMLP):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # the dispatcher op, as in torchfast/nn/swish.py
+            return self.down_proj(torch.ops.torchfast.geglu(self.gate_proj(x), self.up_proj(x),
+                                                            approximate=self.approximate))
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x), approximate=self.approximate))
 
     def extra_repr(self) -> str:

@@ -42,6 +42,10 @@ class Linear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.activation is None:
             return F.linear(input, self.weight, self.bias)
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile torchfast's Python dispatch (see torchfast/nn/swish.py): a
+            # scripted module calls the dispatcher op that the dispatch runs by default.
+            return torch.ops.torchfast.bias_act(F.linear(input, self.weight), self.bias, act=self.activation)
         return bias_act(F.linear(input, self.weight), self.bias, act=self.activation)
 
     def extra_repr(self) -> str:
