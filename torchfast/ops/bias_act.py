@@ -113,18 +113,24 @@ def _setup_context_bwd(ctx, inputs, keyword_only_inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _backward_bwd(ctx, grad_dx, grad_db):
-    """Double backward. dbias = sum dx, so an upstream gradient G on dx is G = grad_dx + grad_db
-    (broadcast); then d/dgrad_out = G act'(p), d/dx = G grad_out act''(p), d/dbias = sum of d/dx."""
-    grad_out, x, bias = ctx.saved_tensors
+def double_backward(first, act, grad_out, x, bias, grad_dx, grad_db):
+    """Gradients of bias_act_backward's (dx, dbias) = (grad_out act'(p), sum dx), p = x + bias, given
+    upstream (grad_dx, grad_db). dbias = sum dx, so the upstream gradient of dx is G = grad_dx + grad_db
+    (broadcast); then d/dgrad_out = G act'(p) = first(G) (the backward op's dx for grad_out = G),
+    d/dx = G grad_out act''(p), d/dbias = d/dx summed over the leading dimensions."""
     g = grad_dx if grad_dx is not None else torch.zeros_like(x)
     if bias is not None and grad_db is not None:
         g = g + grad_db
     pre = x if bias is None else x + bias
-    d_grad_out = torch.ops.torchfast.bias_act_backward(g, x, bias, act=ctx.act)[0]
-    d_x = g * grad_out * act_grad2(ctx.act, pre)
+    d_x = g * grad_out * act_grad2(act, pre)
     d_bias = None if bias is None else d_x.reshape(-1, x.shape[-1]).sum(0).to(bias.dtype)
-    return d_grad_out, d_x, d_bias
+    return first(g), d_x, d_bias
+
+
+def _backward_bwd(ctx, grad_dx, grad_db):
+    grad_out, x, bias = ctx.saved_tensors
+    first = lambda g: torch.ops.torchfast.bias_act_backward(g, x, bias, act=ctx.act)[0]  # noqa: E731
+    return double_backward(first, ctx.act, grad_out, x, bias, grad_dx, grad_db)
 
 
 torch.library.register_autograd("torchfast::bias_act_backward", _backward_bwd, setup_context=_setup_context_bwd)
