@@ -40,18 +40,19 @@ struct Identity {
   }
 };
 
-// swish(x) = x * s, s = sigmoid(x);  swish'(x) = s * (1 + x * (1 - s)).  (See swish_kernel.cpp for
-// why exp_neg.)
+// swish(x) = x * s, s = sigmoid(x);  swish'(x) = s * (1 + x * (1 - s)).  T is the storage type, which
+// picks exp_neg's accuracy (elementwise.h).
+template <typename T>
 struct Swish {
   template <typename V>
   static V fwd(const V& x) {
-    return x / (V(1) + exp_neg(x));
+    return x / (V(1) + exp_neg<T>(x));
   }
   // y = act(x) and d = act'(x) together, sharing the exponential.
   template <typename V>
   static void fwd_deriv(const V& x, V& y, V& d) {
     const V one(1);
-    V s = one / (one + exp_neg(x));
+    V s = one / (one + exp_neg<T>(x));
     y = x * s;
     d = s * (one + x * (one - s));
   }
@@ -99,7 +100,8 @@ struct GeluErf {
         r = at::vec::fmadd(r, t, V(c));
       }
     }
-    e = (z * z).neg().exp_u20();
+    // exp(-z^2) <= 1 never overflows; fexp_u20 (elementwise.h) is enough below bf16/fp16 rounding
+    e = kReducedOutput ? (z * z).neg().fexp_u20() : (z * z).neg().exp_u20();
     V half_erfc = V(0.5) * t * e * r;  // Phi(-|x|)
     return V::blendv(V(1) - half_erfc, half_erfc, x <= V(0));
   }
@@ -140,13 +142,14 @@ struct GeluErf {
 // The polynomial u' is evaluated at x clamped to +-1e4 (where s is already exactly 0 or 1), so
 // x^2 cannot overflow into 0 * inf = NaN for large finite x; x itself is not clamped, so +-inf and
 // NaN still give NaN as in torch.
+template <typename T>
 struct GeluTanh {
   static constexpr double kBeta = 0.7978845608028654;  // sqrt(2 / pi)
   static constexpr double kKappa = 0.044715;
   template <typename V>
   static V sig2u(const V& x) {
     V u = V(kBeta) * x * (V(1) + V(kKappa) * x * x);
-    return V(1) / (V(1) + exp_neg(u + u));
+    return V(1) / (V(1) + exp_neg<T>(u + u));
   }
   template <typename V>
   static V fwd(const V& x) {
@@ -183,9 +186,9 @@ void dispatch_act(int code, const Fn& fn) {
     case ActCode::Gelu:
       return fn(Gelu<T>{});
     case ActCode::GeluTanh:
-      return fn(GeluTanh{});
+      return fn(GeluTanh<T>{});
     case ActCode::Swish:
-      return fn(Swish{});
+      return fn(Swish<T>{});
   }
   TORCH_CHECK(false, "torchfast: internal error: unknown activation code ", code);
 }

@@ -20,11 +20,11 @@ void dispatch_glu(c10::ScalarType dtype, int act, const Fn& fn) {
   dispatch_float(dtype, [&](auto tag) {
     switch (static_cast<ActCode>(act)) {
       case ActCode::Swish:
-        return fn(tag, Swish{});
+        return fn(tag, Swish<decltype(tag)>{});
       case ActCode::Gelu:
         return fn(tag, Gelu<decltype(tag)>{});
       case ActCode::GeluTanh:
-        return fn(tag, GeluTanh{});
+        return fn(tag, GeluTanh<decltype(tag)>{});
       default:
         TORCH_CHECK(false, "torchfast: internal error: no gated kernel for activation code ", act);
     }
