@@ -18,29 +18,32 @@ import os
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # compile workers would compete for the cores
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import _report as R
+import harness as H
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import _report as R  # noqa: E402
-import harness as H  # noqa: E402
-import torchfast  # noqa: E402
-from torchfast.testing import assert_close  # noqa: E402
+import torchfast
+from torchfast.testing import assert_close
 
 DEFAULT_SHAPES = ["512x1024", "2048x4096", "8192x1024", "4096x8192"]
 # tokens x in_features x out_features: matmuls of real MLP layers, small enough to time on a laptop CPU
 DEFAULT_LINEAR_SHAPES = ["512x1024x4096", "2048x1024x4096", "2048x4096x1024", "8192x1024x1024"]
-ACTS = {"relu": (F.relu, nn.ReLU), "gelu": (F.gelu, nn.GELU),
-        "gelu_tanh": (lambda t: F.gelu(t, approximate="tanh"), lambda: nn.GELU(approximate="tanh")),
-        "swish": (F.silu, nn.SiLU)}
+ACTS = {
+    "relu": (F.relu, nn.ReLU),
+    "gelu": (F.gelu, nn.GELU),
+    "gelu_tanh": (lambda t: F.gelu(t, approximate="tanh"), lambda: nn.GELU(approximate="tanh")),
+    "swish": (F.silu, nn.SiLU),
+}
 COMPOSITES = {a: (lambda x, b, f=f: f(x + b)) for a, (f, _) in ACTS.items()}
 NAMES = ["torchfast", "eager", "compiled"]
 TARGETS = {"op": {"eager": 1.5}, "linear": {"eager": 1.2}}
@@ -59,19 +62,34 @@ def op_case(act: str, mode: str, dtype_name: str, shape: tuple, device: str) -> 
         gen = torch.Generator(device=device).manual_seed(numel)
         x = torch.randn(shape, device=device, dtype=dtype, generator=gen) * 2
         b = torch.randn(shape[1], device=device, dtype=dtype, generator=gen)
-        fast = lambda x, b: torchfast.bias_act(x, b, act=act)  # noqa: E731
-        assert_close(fast(x, b), composite(x.double(), b.double()), dtype=dtype, what=f"bias_act {act} {shape}")
+        fast = lambda x, b: torchfast.bias_act(x, b, act=act)
+        assert_close(
+            fast(x, b), composite(x.double(), b.double()), dtype=dtype, what=f"bias_act {act} {shape}"
+        )
         fns = {"torchfast": fast, "eager": composite, "compiled": comp}
         if mode == "fwd":
             return {n: (lambda f=f: f(x, b)) for n, f in fns.items()}
         xg, bg = x.clone().requires_grad_(), b.clone().requires_grad_()
         grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
-        return {n: H.Variant(fn=lambda f=f: torch.autograd.grad(f(xg, bg), (xg, bg), grad),
-                             forward=lambda f=f: f(xg, bg)) for n, f in fns.items()}
+        return {
+            n: H.Variant(
+                fn=lambda f=f: torch.autograd.grad(f(xg, bg), (xg, bg), grad), forward=lambda f=f: f(xg, bg)
+            )
+            for n, f in fns.items()
+        }
 
-    params = {"op": f"bias_act[{act}]", "part": "op", "mode": mode, "dtype": dtype_name,
-              "shape": R.shape_label(shape), "numel": numel, "esize": esize}
-    return H.Case(f"bias_act {act} {mode} {dtype_name} {R.shape_label(shape)}", params, setup, bytes_moved=moved)
+    params = {
+        "op": f"bias_act[{act}]",
+        "part": "op",
+        "mode": mode,
+        "dtype": dtype_name,
+        "shape": R.shape_label(shape),
+        "numel": numel,
+        "esize": esize,
+    }
+    return H.Case(
+        f"bias_act {act} {mode} {dtype_name} {R.shape_label(shape)}", params, setup, bytes_moved=moved
+    )
 
 
 def linear_case(act: str, mode: str, dtype_name: str, shape: tuple, device: str) -> H.Case:
@@ -88,21 +106,41 @@ def linear_case(act: str, mode: str, dtype_name: str, shape: tuple, device: str)
         comp = torch.compile(copy.deepcopy(eager), dynamic=False)
         x = torch.randn(tokens, d_in, device=device, dtype=dtype)
         with torch.no_grad():  # same math, up to the order of the bias add: loose bf16 atol for big sums
-            assert_close(ours(x), eager(x).double(), dtype=dtype, atol=0.05 if dtype == torch.bfloat16 else 1e-4,
-                         rtol=0.02 if dtype == torch.bfloat16 else 1e-4, what=f"Linear {act} {shape}")
+            assert_close(
+                ours(x),
+                eager(x).double(),
+                dtype=dtype,
+                atol=0.05 if dtype == torch.bfloat16 else 1e-4,
+                rtol=0.02 if dtype == torch.bfloat16 else 1e-4,
+                what=f"Linear {act} {shape}",
+            )
         mods = {"torchfast": ours, "eager": eager, "compiled": comp}
         if mode == "fwd":
+
             def fwd(m):
                 with torch.no_grad():
                     return m(x)
+
             return {n: (lambda m=m: fwd(m)) for n, m in mods.items()}
         xg = x.clone().requires_grad_()
         grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
-        return {n: H.Variant(fn=lambda m=m: torch.autograd.grad(m(xg), [xg, *m.parameters()], grad),
-                             forward=lambda m=m: m(xg)) for n, m in mods.items()}
+        return {
+            n: H.Variant(
+                fn=lambda m=m: torch.autograd.grad(m(xg), [xg, *m.parameters()], grad),
+                forward=lambda m=m: m(xg),
+            )
+            for n, m in mods.items()
+        }
 
-    params = {"op": f"Linear[{act}]", "part": "linear", "mode": mode, "dtype": dtype_name,
-              "shape": R.shape_label(shape), "numel": tokens * d_out, "esize": esize}
+    params = {
+        "op": f"Linear[{act}]",
+        "part": "linear",
+        "mode": mode,
+        "dtype": dtype_name,
+        "shape": R.shape_label(shape),
+        "numel": tokens * d_out,
+        "esize": esize,
+    }
     # bytes: the elementwise part only (the matmul's traffic depends on the BLAS), for reference
     return H.Case(f"Linear {act} {mode} {dtype_name} {R.shape_label(shape)}", params, setup, bytes_moved=None)
 
@@ -112,8 +150,13 @@ def main(argv=None) -> int:
     R.common_args(p, DEFAULT_SHAPES)
     p.add_argument("--part", nargs="+", default=["op", "linear"], choices=["op", "linear"])
     p.add_argument("--acts", nargs="+", default=list(ACTS), choices=list(ACTS))
-    p.add_argument("--linear-shapes", nargs="+", default=None, metavar="TxINxOUT",
-                   help=f"Linear shapes tokens x in x out (default: {' '.join(DEFAULT_LINEAR_SHAPES)})")
+    p.add_argument(
+        "--linear-shapes",
+        nargs="+",
+        default=None,
+        metavar="TxINxOUT",
+        help=f"Linear shapes tokens x in x out (default: {' '.join(DEFAULT_LINEAR_SHAPES)})",
+    )
     p.add_argument("--linear-modes", nargs="+", default=["fwd+bwd"], choices=list(R.MODES))
     args = R.finish_args(p, p.parse_args(argv), DEFAULT_SHAPES, "64x256")
     raw = args.linear_shapes or (["64x128x256"] if args.quick else DEFAULT_LINEAR_SHAPES)
@@ -125,11 +168,21 @@ def main(argv=None) -> int:
     print(R.header("bench_bias_act", args, threads, env, ceiling))
     cases = []
     if "op" in args.part:
-        cases += [op_case(a, m, d, s, args.device) for a in args.acts for m in args.modes for d in args.dtypes
-                  for s in args.shapes]
+        cases += [
+            op_case(a, m, d, s, args.device)
+            for a in args.acts
+            for m in args.modes
+            for d in args.dtypes
+            for s in args.shapes
+        ]
     if "linear" in args.part:
-        cases += [linear_case(a, m, d, s, args.device) for a in args.acts for m in args.linear_modes
-                  for d in args.dtypes for s in lin_shapes]
+        cases += [
+            linear_case(a, m, d, s, args.device)
+            for a in args.acts
+            for m in args.linear_modes
+            for d in args.dtypes
+            for s in lin_shapes
+        ]
     t0 = time.perf_counter()
     results = H.run_cases(cases, R.config(args), progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - t0
@@ -147,11 +200,20 @@ def main(argv=None) -> int:
         summaries[part] = R.summary(rs, TARGETS[part], args.dtypes)
         print()
         print(R.summary_text(summaries[part], f"Target (issue 3, {part})"))
-    payload = {"benchmark": "bias_act", "environment": env,
-               "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-               "linear_shapes": [list(s) for s in lin_shapes], "copy_bandwidth_gbps": ceiling,
-               "cases": [r.as_dict() for r in results], "summary": summaries, "elapsed_s": elapsed}
-    path = args.json or RESULTS_DIR / f"bench_bias_act_{args.device}_{threads}t{'_quick' if args.quick else ''}.json"
+    payload = {
+        "benchmark": "bias_act",
+        "environment": env,
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "linear_shapes": [list(s) for s in lin_shapes],
+        "copy_bandwidth_gbps": ceiling,
+        "cases": [r.as_dict() for r in results],
+        "summary": summaries,
+        "elapsed_s": elapsed,
+    }
+    path = (
+        args.json
+        or RESULTS_DIR / f"bench_bias_act_{args.device}_{threads}t{'_quick' if args.quick else ''}.json"
+    )
     print(f"\nwrote {H.write_json(path, payload)} ({elapsed:.0f} s)")
     return 0
 

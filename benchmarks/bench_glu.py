@@ -16,27 +16,29 @@ import os
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # compile workers would compete for the cores
 
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import sys
+import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import _report as R
+import harness as H
+import torch
+import torch.nn.functional as F
 
-import _report as R  # noqa: E402
-import harness as H  # noqa: E402
-import torchfast  # noqa: E402
-from torchfast.testing import assert_close  # noqa: E402
+import torchfast
+from torchfast.testing import assert_close
 
 DEFAULT_SHAPES = ["512x1024", "2048x4096", "8192x1024", "4096x8192"]
 OPS = {  # name: (torchfast function, eager composite)
     "swiglu": (lambda g, u=None: torchfast.swiglu(g, u), lambda g, u: F.silu(g) * u),
     "geglu": (lambda g, u=None: torchfast.geglu(g, u), lambda g, u: F.gelu(g) * u),
-    "geglu_tanh": (lambda g, u=None: torchfast.geglu(g, u, approximate="tanh"),
-                   lambda g, u: F.gelu(g, approximate="tanh") * u),
+    "geglu_tanh": (
+        lambda g, u=None: torchfast.geglu(g, u, approximate="tanh"),
+        lambda g, u: F.gelu(g, approximate="tanh") * u,
+    ),
 }
 NAMES = ["torchfast", "packed", "eager", "compiled"]
 TARGETS = {"eager": 2.0, "compiled": 1.2}
@@ -67,13 +69,25 @@ def make_case(op: str, mode: str, dtype_name: str, shape: tuple, device: str) ->
         g_, u_ = gate.clone().requires_grad_(), up.clone().requires_grad_()
         xg = x.clone().requires_grad_()
         grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
-        out = {n: H.Variant(fn=lambda f=f: torch.autograd.grad(f(g_, u_), (g_, u_), grad),
-                            forward=lambda f=f: f(g_, u_)) for n, f in fns.items()}
-        out["packed"] = H.Variant(fn=lambda: torch.autograd.grad(fast(xg), xg, grad), forward=lambda: fast(xg))
+        out = {
+            n: H.Variant(
+                fn=lambda f=f: torch.autograd.grad(f(g_, u_), (g_, u_), grad), forward=lambda f=f: f(g_, u_)
+            )
+            for n, f in fns.items()
+        }
+        out["packed"] = H.Variant(
+            fn=lambda: torch.autograd.grad(fast(xg), xg, grad), forward=lambda: fast(xg)
+        )
         return {n: out[n] for n in NAMES}
 
-    params = {"op": op, "mode": mode, "dtype": dtype_name, "shape": R.shape_label(shape), "numel": numel,
-              "esize": esize}
+    params = {
+        "op": op,
+        "mode": mode,
+        "dtype": dtype_name,
+        "shape": R.shape_label(shape),
+        "numel": numel,
+        "esize": esize,
+    }
     return H.Case(f"{op} {mode} {dtype_name} {R.shape_label(shape)}", params, setup, bytes_moved=moved)
 
 
@@ -87,8 +101,13 @@ def main(argv=None) -> int:
     env = H.environment(args.device)
     ceiling = H.copy_bandwidth(16 << 20 if args.quick else 256 << 20, args.device)
     print(R.header("bench_glu", args, threads, env, ceiling))
-    cases = [make_case(o, m, d, s, args.device) for o in args.ops for m in args.modes for d in args.dtypes
-             for s in args.shapes]
+    cases = [
+        make_case(o, m, d, s, args.device)
+        for o in args.ops
+        for m in args.modes
+        for d in args.dtypes
+        for s in args.shapes
+    ]
     t0 = time.perf_counter()
     results = H.run_cases(cases, R.config(args), progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - t0
@@ -102,11 +121,18 @@ def main(argv=None) -> int:
     s = R.summary(results, TARGETS, args.dtypes)
     print()
     print(R.summary_text(s, "Targets (issue 3)"))
-    payload = {"benchmark": "glu", "environment": env, "args": {k: (list(v) if isinstance(v, tuple) else v)
-                                                                for k, v in vars(args).items()},
-               "copy_bandwidth_gbps": ceiling, "cases": [r.as_dict() for r in results], "summary": s,
-               "elapsed_s": elapsed}
-    path = args.json or RESULTS_DIR / f"bench_glu_{args.device}_{threads}t{'_quick' if args.quick else ''}.json"
+    payload = {
+        "benchmark": "glu",
+        "environment": env,
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "copy_bandwidth_gbps": ceiling,
+        "cases": [r.as_dict() for r in results],
+        "summary": s,
+        "elapsed_s": elapsed,
+    }
+    path = (
+        args.json or RESULTS_DIR / f"bench_glu_{args.device}_{threads}t{'_quick' if args.quick else ''}.json"
+    )
     print(f"\nwrote {H.write_json(path, payload)} ({elapsed:.0f} s)")
     return 0
 

@@ -21,8 +21,10 @@ D = 8
 class AllActivations(nn.Module):
     def __init__(self):
         super().__init__()
-        self.linears = nn.ModuleList(torchfast.nn.Linear(D, D, activation=a)
-                                     for a in ("relu", "gelu", "gelu_tanh", "swish", "identity"))
+        self.linears = nn.ModuleList(
+            torchfast.nn.Linear(D, D, activation=a)
+            for a in ("relu", "gelu", "gelu_tanh", "swish", "identity")
+        )
         self.no_bias = torchfast.nn.Linear(D, D, bias=False, activation="gelu")
         self.gelu = torchfast.nn.GELU(approximate="tanh")
         self.swiglu = torchfast.nn.SwiGLU(D, 12)
@@ -35,8 +37,13 @@ class AllActivations(nn.Module):
             h = linear(h)
         h = self.gelu(self.no_bias(h)) + torchfast.bias_act(h, None, act="gelu")
         packed = self.fused_gate_up(x)
-        return (h + self.swiglu(x) + torchfast.geglu(self.geglu(x), h) + torchfast.swiglu(packed)
-                + torchfast.geglu(packed, approximate="none"))
+        return (
+            h
+            + self.swiglu(x)
+            + torchfast.geglu(self.geglu(x), h)
+            + torchfast.swiglu(packed)
+            + torchfast.geglu(packed, approximate="none")
+        )
 
 
 def _model():
@@ -53,8 +60,11 @@ CASES = [  # exporter, opset, ops that must appear, ops that must not
 ]
 
 
-@pytest.mark.parametrize("exporter, opset, present, absent", CASES,
-                         ids=["dynamo-default", "dynamo-18", "dynamo-24", "torchscript-default", "torchscript-11"])
+@pytest.mark.parametrize(
+    "exporter, opset, present, absent",
+    CASES,
+    ids=["dynamo-default", "dynamo-18", "dynamo-24", "torchscript-default", "torchscript-11"],
+)
 def test_every_activation_exports_to_standard_onnx_and_matches(tmp_path, exporter, opset, present, absent):
     model = _model()
     x = torch.randn(5, D) * 2

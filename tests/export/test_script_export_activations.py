@@ -54,7 +54,9 @@ def test_torchscript_graph_calls_the_ops_and_matches(tmp_path, kind):
 
 def test_torch_export_holds_the_ops_with_dynamic_batch(tmp_path):
     model = _model()
-    program = torch.export.export(model, (torch.randn(3, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(
+        model, (torch.randn(3, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert targets.count("torchfast.bias_act.default") == 4, targets
     assert "torchfast.swiglu.default" in targets and "torchfast.geglu.default" in targets, targets
@@ -78,9 +80,13 @@ def test_torch_export_packed_form():
             return torchfast.swiglu(self.proj(x)) + torchfast.geglu(self.proj(x), approximate="tanh")
 
     model = Packed().eval()
-    program = torch.export.export(model, (torch.randn(3, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(
+        model, (torch.randn(3, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
-    assert "torchfast.swiglu_packed.default" in targets and "torchfast.geglu_packed.default" in targets, targets
+    assert "torchfast.swiglu_packed.default" in targets and "torchfast.geglu_packed.default" in targets, (
+        targets
+    )
     x = torch.randn(7, 8)
     with torch.no_grad():
         assert_close(program.module()(x), model(x))

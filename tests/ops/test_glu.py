@@ -16,8 +16,11 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 PAIR_IDS = ["2d", "3d", "1d-odd", "empty", "0d", "chunk-halves", "gaps", "channels_last", "transposed-gate"]
 PACKED_IDS = ["2d", "3d", "H1027", "empty", "rowview", "transposed", "1d"]
 # (public function kwargs, activation name of the reference)
-VARIANTS = {"swiglu": ({}, "swish"), "geglu-none": ({"approximate": "none"}, "gelu"),
-            "geglu-tanh": ({"approximate": "tanh"}, "gelu_tanh")}
+VARIANTS = {
+    "swiglu": ({}, "swish"),
+    "geglu-none": ({"approximate": "none"}, "gelu"),
+    "geglu-tanh": ({"approximate": "tanh"}, "gelu_tanh"),
+}
 
 
 def _fn(variant):
@@ -34,7 +37,9 @@ def _check_pair(variant, gate, up, dtype):
     gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
     y = _fn(variant)(gate, up)
     g = torch.randn_like(y)
-    dg, du = torch.autograd.grad(y, (gate, up), g) if y.numel() else (torch.zeros_like(gate), torch.zeros_like(up))
+    dg, du = (
+        torch.autograd.grad(y, (gate, up), g) if y.numel() else (torch.zeros_like(gate), torch.zeros_like(up))
+    )
     ref_y, ref_dg, ref_du = _reference(gate, up, g, VARIANTS[variant][1])
     assert y.dtype == dtype and y.shape == gate.shape
     assert y.stride() == torch.empty_like(gate).stride()  # the fake kernel's promise
@@ -68,8 +73,11 @@ def test_packed_matches_separate_halves_exactly(variant, device, dtype, case):
     (dx,) = torch.autograd.grad(y, xp, g) if y.numel() else (torch.zeros_like(x),)
     gate, up = x.detach().chunk(2, dim=-1)
     y2 = fn(gate.contiguous(), up.contiguous())
-    dg, du = torch.ops.torchfast.swiglu_backward(g, gate.contiguous(), up.contiguous()) if variant == "swiglu" \
+    dg, du = (
+        torch.ops.torchfast.swiglu_backward(g, gate.contiguous(), up.contiguous())
+        if variant == "swiglu"
         else torch.ops.torchfast.geglu_backward(g, gate.contiguous(), up.contiguous(), **VARIANTS[variant][0])
+    )
     assert torch.equal(y, y2)
     assert torch.equal(dx, torch.cat([dg, du], dim=-1))
     ref_y, ref_dg, ref_du = _reference(gate, up, g, VARIANTS[variant][1])
@@ -101,8 +109,24 @@ def test_special_values_follow_float64_math(variant, dtype):
     activation that underflows the dtype (gate < ~-88 for float32 swish), where 0 * inf = NaN here and
     in torch's own composite alike."""
     act = VARIANTS[variant][1]
-    gate_vals = [float("-inf"), float("inf"), float("nan"), -0.0, 0.0, 5.0, -5.0, 20.0, -20.0, -89.0, -104.0,
-                 1e10, -1e10, 1e30, -1e30, 3e38]
+    gate_vals = [
+        float("-inf"),
+        float("inf"),
+        float("nan"),
+        -0.0,
+        0.0,
+        5.0,
+        -5.0,
+        20.0,
+        -20.0,
+        -89.0,
+        -104.0,
+        1e10,
+        -1e10,
+        1e30,
+        -1e30,
+        3e38,
+    ]
     gate = torch.tensor(gate_vals, dtype=dtype).repeat_interleave(2)
     up = torch.tensor([1.0, -0.5], dtype=dtype).repeat(len(gate_vals))
     gate2 = torch.tensor([-0.0, 0.0, 3.0, -3.0, 1e-30], dtype=dtype).repeat_interleave(3)
@@ -111,8 +135,11 @@ def test_special_values_follow_float64_math(variant, dtype):
     g = torch.ones_like(gate)
     ref_y, ref_dg, ref_du = _reference(gate, up, g, act)
     y = _fn(variant)(gate, up)
-    bwd = torch.ops.torchfast.swiglu_backward if variant == "swiglu" else \
-        lambda *a: torch.ops.torchfast.geglu_backward(*a, **VARIANTS[variant][0])
+    bwd = (
+        torch.ops.torchfast.swiglu_backward
+        if variant == "swiglu"
+        else lambda *a: torch.ops.torchfast.geglu_backward(*a, **VARIANTS[variant][0])
+    )
     dg, du = bwd(g, gate, up)
     for got, exp, what in ((y, ref_y, "output"), (dg, ref_dg, "grad gate"), (du, ref_du, "grad up")):
         assert torch.equal(got.isnan(), exp.isnan()), (what, gate, up, got, exp)
@@ -176,17 +203,24 @@ def test_autocast_promotes_mixed_gate_and_up_to_their_common_dtype():
     assert_close(y_c, y.double(), dtype=torch.float32)
     y.sum().backward()
     assert gate.grad.dtype == torch.bfloat16 and up.grad.dtype == torch.float32
-    with pytest.raises(TypeError, match=r"torchfast\.swiglu: 'gate' has dtype BFloat16 but 'up' has dtype Float"):
+    with pytest.raises(
+        TypeError, match=r"torchfast\.swiglu: 'gate' has dtype BFloat16 but 'up' has dtype Float"
+    ):
         torchfast.swiglu(gate.detach(), up.detach())
 
 
 @pytest.mark.parametrize("op", ["swiglu", "geglu"])
 def test_bad_inputs_get_clear_errors_naming_op_and_argument(op):
     fn = getattr(torchfast, op)
-    with pytest.raises(RuntimeError, match=rf"torchfast\.{op}: 'gate' has shape \(3, 4\) but 'up' has shape \(3, 5\)"):
+    with pytest.raises(
+        RuntimeError, match=rf"torchfast\.{op}: 'gate' has shape \(3, 4\) but 'up' has shape \(3, 5\)"
+    ):
         fn(torch.randn(3, 4), torch.randn(3, 5))
-    with pytest.raises(ValueError, match=rf"torchfast\.{op}: with 'up' omitted, argument 'gate' is taken as a "
-                       r"packed \[\.\.\., 2H\] tensor .* but it is of odd width 7"):
+    with pytest.raises(
+        ValueError,
+        match=rf"torchfast\.{op}: with 'up' omitted, argument 'gate' is taken as a "
+        r"packed \[\.\.\., 2H\] tensor .* but it is of odd width 7",
+    ):
         fn(torch.randn(3, 7))
     with pytest.raises(ValueError, match=rf"torchfast\.{op}: .* but it is 0-dimensional"):
         fn(torch.tensor(1.0))
@@ -196,16 +230,26 @@ def test_bad_inputs_get_clear_errors_naming_op_and_argument(op):
         fn(torch.ones(4, dtype=torch.int32))
     if torchfast._ext.built():  # the ops check too, for callers of torch.ops.torchfast.*
         packed = getattr(torch.ops.torchfast, op + "_packed")
-        with pytest.raises(ValueError, match=rf"torchfast\.{op}_packed: argument 'x' has an odd last dimension \(7\)"):
+        with pytest.raises(
+            ValueError, match=rf"torchfast\.{op}_packed: argument 'x' has an odd last dimension \(7\)"
+        ):
             packed(torch.randn(3, 7))
-        with pytest.raises(RuntimeError, match=rf"torchfast\.{op}: 'gate' has shape \[3, 4\] but 'up' has shape"):
+        with pytest.raises(
+            RuntimeError, match=rf"torchfast\.{op}: 'gate' has shape \[3, 4\] but 'up' has shape"
+        ):
             getattr(torch.ops.torchfast, op)(torch.randn(3, 4), torch.randn(3, 5))
         with pytest.raises(TypeError, match=rf"torchfast\.{op}: argument 'gate' has dtype Long"):
-            getattr(torch.ops.torchfast, op)(torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64))
-        with pytest.raises(RuntimeError, match=rf"torchfast\.{op}_packed_backward: 'grad_out' has shape \[3, 4\]"):
+            getattr(torch.ops.torchfast, op)(
+                torch.ones(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64)
+            )
+        with pytest.raises(
+            RuntimeError, match=rf"torchfast\.{op}_packed_backward: 'grad_out' has shape \[3, 4\]"
+        ):
             getattr(torch.ops.torchfast, op + "_packed_backward")(torch.randn(3, 4), torch.randn(3, 10))
     if op == "geglu":
-        with pytest.raises(ValueError, match=r"torchfast\.geglu: argument 'approximate' must be 'none' or 'tanh'"):
+        with pytest.raises(
+            ValueError, match=r"torchfast\.geglu: argument 'approximate' must be 'none' or 'tanh'"
+        ):
             fn(torch.randn(3), torch.randn(3), approximate="erf")
         if torchfast._ext.built():
             with pytest.raises(ValueError, match=r"torchfast\.geglu: argument 'approximate' must be"):
@@ -256,7 +300,11 @@ def test_modules_load_llm_mlp_checkpoints_and_match(kind):
 def test_module_constructor_bias_and_repr():
     m = torchfast.nn.GeGLU(8, 16, bias=True, approximate="tanh")
     assert m.gate_proj.bias is not None and m.down_proj.bias is not None
-    assert repr(m).startswith("GeGLU(\n  approximate='tanh'\n  (gate_proj): Linear(in_features=8, out_features=16")
+    assert repr(m).startswith(
+        "GeGLU(\n  approximate='tanh'\n  (gate_proj): Linear(in_features=8, out_features=16"
+    )
     assert repr(torchfast.nn.SwiGLU(8, 16)).startswith("SwiGLU(\n  (gate_proj): Linear(in_features=8")
-    with pytest.raises(ValueError, match=r"torchfast\.nn\.GeGLU: argument 'approximate' must be 'none' or 'tanh'"):
+    with pytest.raises(
+        ValueError, match=r"torchfast\.nn\.GeGLU: argument 'approximate' must be 'none' or 'tanh'"
+    ):
         torchfast.nn.GeGLU(8, 16, approximate="exact")

@@ -12,16 +12,18 @@ import pytest
 import torch
 
 import torchfast
-from torchfast.ops._activations import ACTS
+from torchfast.ops._activations import ACTS, act_fn
 from torchfast.ops.bias_act import bias_act_backward_reference, bias_act_reference
 from torchfast.ops.glu import glu_backward_reference
-from torchfast.ops._activations import act_fn
 from torchfast.testing import assert_close, tolerance
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-GLU = {"swiglu": ({}, "swish"), "geglu": ({"approximate": "none"}, "gelu"),
-       "geglu-tanh": ({"approximate": "tanh"}, "gelu_tanh")}
+GLU = {
+    "swiglu": ({}, "swish"),
+    "geglu": ({"approximate": "none"}, "gelu"),
+    "geglu-tanh": ({"approximate": "tanh"}, "gelu_tanh"),
+}
 
 
 def _grads(y, leaves, g):
@@ -58,7 +60,10 @@ def test_bias_act_every_activation_and_a_multi_slice_reduction(act):
     g = torch.randn_like(x)
     dx, db = torch.ops.torchfast.bias_act_backward_triton(g, x, bias, act)
     ref_dx, ref_db = bias_act_backward_reference(g.double(), x.double(), bias.double(), act=act)
-    assert_close(torch.ops.torchfast.bias_act_triton(x, bias, act), bias_act_reference(x.double(), bias.double(), act=act))
+    assert_close(
+        torch.ops.torchfast.bias_act_triton(x, bias, act),
+        bias_act_reference(x.double(), bias.double(), act=act),
+    )
     assert_close(dx, ref_dx, what="grad x")
     assert_close(db, ref_db, atol=1e-4, what="grad bias")
 
@@ -104,10 +109,12 @@ def test_gradcheck_and_gradgradcheck_float64():
     x = torch.randn(2, 4, device=DEVICE, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, device=DEVICE, dtype=torch.float64, requires_grad=True)
     for act in ("gelu", "swish"):
-        fn = lambda x, b, act=act: torchfast.bias_act(x, b, act=act, impl="triton")  # noqa: E731
+        fn = lambda x, b, act=act: torchfast.bias_act(x, b, act=act, impl="triton")
         assert torch.autograd.gradcheck(fn, (x, b)) and torch.autograd.gradgradcheck(fn, (x, b))
-    for f in (lambda t: torchfast.swiglu(t, impl="triton"),
-              lambda t: torchfast.geglu(*t.chunk(2, dim=-1), approximate="tanh", impl="triton")):
+    for f in (
+        lambda t: torchfast.swiglu(t, impl="triton"),
+        lambda t: torchfast.geglu(*t.chunk(2, dim=-1), approximate="tanh", impl="triton"),
+    ):
         assert torch.autograd.gradcheck(f, (x,)) and torch.autograd.gradgradcheck(f, (x,))
 
 
@@ -130,14 +137,20 @@ def test_autocast_rules_match_the_native_ops():
 
 
 def test_errors_name_op_and_argument():
-    with pytest.raises(ValueError, match=r"torchfast\.glu_packed: argument 'x' has an odd last dimension \(5\)"):
+    with pytest.raises(
+        ValueError, match=r"torchfast\.glu_packed: argument 'x' has an odd last dimension \(5\)"
+    ):
         torch.ops.torchfast.glu_packed_triton(torch.randn(2, 5, device=DEVICE), "swish")
     with pytest.raises(RuntimeError, match=r"torchfast\.bias_act: argument 'bias' has shape \[4\]"):
-        torch.ops.torchfast.bias_act_triton(torch.randn(2, 5, device=DEVICE), torch.randn(4, device=DEVICE), "gelu")
+        torch.ops.torchfast.bias_act_triton(
+            torch.randn(2, 5, device=DEVICE), torch.randn(4, device=DEVICE), "gelu"
+        )
     with pytest.raises(ValueError, match=r"torchfast\.bias_act: unknown activation 'elu'"):
         torch.ops.torchfast.bias_act_triton(torch.randn(2, 5, device=DEVICE), None, "elu")
     with pytest.raises(TypeError, match=r"torchfast\.glu: argument 'up' has dtype torch.int64"):
-        torch.ops.torchfast.glu_triton(torch.randn(3, device=DEVICE), torch.ones(3, dtype=torch.int64), "swish")
+        torch.ops.torchfast.glu_triton(
+            torch.randn(3, device=DEVICE), torch.ones(3, dtype=torch.int64), "swish"
+        )
 
 
 @pytest.mark.gpu
@@ -157,7 +170,8 @@ def test_opcheck_gpu(dtype):
 def test_compile_fullgraph_forward_backward_matches_eager():
     def fn(x, b):
         return torchfast.bias_act(x, b, act="gelu", impl="triton") + torchfast.swiglu(
-            torch.cat([x, x], dim=-1), impl="triton")
+            torch.cat([x, x], dim=-1), impl="triton"
+        )
 
     x = torch.randn(64, 128, device="cuda", requires_grad=True)
     b = torch.randn(128, device="cuda", requires_grad=True)

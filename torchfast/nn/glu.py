@@ -16,7 +16,7 @@ class _GatedMLP(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
-        kw = dict(bias=bias, device=device, dtype=dtype)
+        kw = {"bias": bias, "device": device, "dtype": dtype}
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
@@ -35,16 +35,25 @@ class SwiGLU(_GatedMLP):
 class GeGLU(_GatedMLP):
     """down_proj(gelu(gate_proj(x)) * up_proj(x)); `approximate` as in torch.nn.GELU."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, device=None, dtype=None, *,
-                 approximate: str = "none"):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        approximate: str = "none",
+    ):
         super().__init__(hidden_size, intermediate_size, bias, device, dtype)
         gelu_act(approximate, "nn.GeGLU")
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # the dispatcher op, as in torchfast/nn/swish.py
-            return self.down_proj(torch.ops.torchfast.geglu(self.gate_proj(x), self.up_proj(x),
-                                                            approximate=self.approximate))
+            return self.down_proj(
+                torch.ops.torchfast.geglu(self.gate_proj(x), self.up_proj(x), approximate=self.approximate)
+            )
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x), approximate=self.approximate))
 
     def extra_repr(self) -> str:

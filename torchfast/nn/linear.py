@@ -22,8 +22,16 @@ class Linear(nn.Linear):
     output's dtype, as torch does for nn.Linear.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 activation: str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        activation: str | None = None,
+    ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if activation is not None:
             check_act(activation, "nn.Linear", "activation")
@@ -33,8 +41,13 @@ class Linear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, activation: str | None = None) -> Linear:
         """A torchfast Linear sharing `linear`'s parameters (no copy), e.g. to fuse an nn.Linear with the
         activation module that follows it."""
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-                  activation=activation)
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            activation=activation,
+        )
         new.weight = linear.weight
         new.bias = linear.bias
         return new

@@ -28,15 +28,19 @@ _KAPPA = 0.044715
 
 def check_act(act, op: str, arg: str = "act") -> str:
     if not isinstance(act, str) or act not in ACTS:
-        raise ValueError(f"torchfast.{op}: unknown activation {act!r} for argument '{arg}'; expected one of "
-                         f"{', '.join(ACTS)}")
+        raise ValueError(
+            f"torchfast.{op}: unknown activation {act!r} for argument '{arg}'; expected one of "
+            f"{', '.join(ACTS)}"
+        )
     return act
 
 
 def gelu_act(approximate, op: str) -> str:
     """geglu's `approximate` ("none" | "tanh", as in F.gelu) as an activation name."""
     if approximate not in ("none", "tanh"):
-        raise ValueError(f"torchfast.{op}: argument 'approximate' must be 'none' or 'tanh', got {approximate!r}")
+        raise ValueError(
+            f"torchfast.{op}: argument 'approximate' must be 'none' or 'tanh', got {approximate!r}"
+        )
     return "gelu" if approximate == "none" else "gelu_tanh"
 
 
@@ -56,7 +60,7 @@ def act_fn(act: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gelu_tanh_parts(x):
-    u = _BETA * (x + _KAPPA * x ** 3)
+    u = _BETA * (x + _KAPPA * x**3)
     du = _BETA * (1 + 3 * _KAPPA * x * x)
     s = torch.sigmoid(2 * u)
     ds = 2 * s * (1 - s) * du
@@ -136,7 +140,12 @@ def onnx_act(op, x, act: str, opset: int):
     return op.Mul(op.Mul(x, c(0.5)), op.Add(inner, c(1.0)))
 
 
-_JIT_DTYPES = {"Float": torch.float32, "Half": torch.float16, "Double": torch.float64, "BFloat16": torch.bfloat16}
+_JIT_DTYPES = {
+    "Float": torch.float32,
+    "Half": torch.float16,
+    "Double": torch.float64,
+    "BFloat16": torch.bfloat16,
+}
 
 
 def legacy_const(g, value: float, like):

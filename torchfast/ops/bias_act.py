@@ -43,6 +43,7 @@ def bias_act_backward_reference(grad_out, x, bias, *, act):
 
 # -- the kernels of the build without _C: the reference in the kernels' precision and layouts -------
 
+
 def _fallback_forward(x, bias, *, act):
     c = compute_dtype(x)
     y = bias_act_reference(x.to(c), None if bias is None else bias.to(c), act=act)
@@ -52,7 +53,9 @@ def _fallback_forward(x, bias, *, act):
 
 def _fallback_backward(grad_out, x, bias, *, act):
     c = compute_dtype(x)
-    dx, db = bias_act_backward_reference(grad_out.to(c), x.to(c), None if bias is None else bias.to(c), act=act)
+    dx, db = bias_act_backward_reference(
+        grad_out.to(c), x.to(c), None if bias is None else bias.to(c), act=act
+    )
     out = torch.empty_like(x) if bias is None else x.new_empty(x.shape)
     return out.copy_(dx), db.to(x.dtype if bias is None else bias.dtype)
 
@@ -62,12 +65,22 @@ _library.define_fallback(SCHEMAS, {"bias_act": _fallback_forward, "bias_act_back
 
 # -- fake kernels: the layouts the C++ kernels produce (bias_act_cpu.cpp) --------------------------
 
+
 def _check_bias_shape(x, bias, op):
-    torch._check(x.dim() >= 1, lambda: f"torchfast.{op}: 'x' is 0-dimensional, but a bias is added along its "
-                 "last dimension; pass bias=None or give x at least one dimension")
-    torch._check(bias.dim() == 1 and bias.shape[0] == x.shape[-1],
-                 lambda: f"torchfast.{op}: argument 'bias' has shape {list(bias.shape)} but x's last dimension "
-                 f"is {x.shape[-1]}; bias must be 1-D with x.size(-1) elements")
+    torch._check(
+        x.dim() >= 1,
+        lambda: (
+            f"torchfast.{op}: 'x' is 0-dimensional, but a bias is added along its "
+            "last dimension; pass bias=None or give x at least one dimension"
+        ),
+    )
+    torch._check(
+        bias.dim() == 1 and bias.shape[0] == x.shape[-1],
+        lambda: (
+            f"torchfast.{op}: argument 'bias' has shape {list(bias.shape)} but x's last dimension "
+            f"is {x.shape[-1]}; bias must be 1-D with x.size(-1) elements"
+        ),
+    )
 
 
 @torch.library.register_fake("torchfast::bias_act")
@@ -82,8 +95,13 @@ def _bias_act_fake(x, bias, *, act):
 @torch.library.register_fake("torchfast::bias_act_backward")
 def _bias_act_backward_fake(grad_out, x, bias, *, act):
     check_act(act, "bias_act_backward")
-    torch._check(grad_out.shape == x.shape, lambda: f"torchfast.bias_act_backward: 'grad_out' has shape "
-                 f"{tuple(grad_out.shape)} but 'x' has shape {tuple(x.shape)}; they must match")
+    torch._check(
+        grad_out.shape == x.shape,
+        lambda: (
+            f"torchfast.bias_act_backward: 'grad_out' has shape "
+            f"{tuple(grad_out.shape)} but 'x' has shape {tuple(x.shape)}; they must match"
+        ),
+    )
     if bias is None:
         return torch.empty_like(x), x.new_empty((0,))
     _check_bias_shape(x, bias, "bias_act_backward")
@@ -91,6 +109,7 @@ def _bias_act_backward_fake(grad_out, x, bias, *, act):
 
 
 # -- autograd -----------------------------------------------------------------------------------------
+
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     x, bias = inputs
@@ -129,11 +148,13 @@ def double_backward(first, act, grad_out, x, bias, grad_dx, grad_db):
 
 def _backward_bwd(ctx, grad_dx, grad_db):
     grad_out, x, bias = ctx.saved_tensors
-    first = lambda g: torch.ops.torchfast.bias_act_backward(g, x, bias, act=ctx.act)[0]  # noqa: E731
+    first = lambda g: torch.ops.torchfast.bias_act_backward(g, x, bias, act=ctx.act)[0]
     return double_backward(first, ctx.act, grad_out, x, bias, grad_dx, grad_db)
 
 
-torch.library.register_autograd("torchfast::bias_act_backward", _backward_bwd, setup_context=_setup_context_bwd)
+torch.library.register_autograd(
+    "torchfast::bias_act_backward", _backward_bwd, setup_context=_setup_context_bwd
+)
 
 
 def _autocast_bias_follows_x(x, bias, *, act):
@@ -152,6 +173,7 @@ _library.register_autocast_casting("torchfast::bias_act_backward", _autocast_bac
 
 # -- registry entry and public function ----------------------------------------------------------------
 
+
 def _triton_bias_act(x, bias, *, act):
     from torchfast.triton.bias_act import bias_act as triton_bias_act
 
@@ -166,7 +188,7 @@ def _triton_unavailable(device_type: str, explicit: bool) -> str | None:
 
 def _sample_inputs(device, dtype):
     """(args, kwargs) pairs covering every activation and the shapes the kernels must get right."""
-    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) * 3  # noqa: E731
+    make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) * 3
     return [
         ((make(4, 33), make(33)), {"act": "gelu"}),
         ((make(3, 5, 7), make(7)), {"act": "swish"}),
@@ -191,8 +213,12 @@ SPEC = register(
         reference=bias_act_reference,
         arg_names=("x", "bias"),
         impls=[
-            Impl("native", _native, ("cpu", "cuda", "meta"),
-                 unavailable=_library.native_unavailable("torchfast::bias_act")),
+            Impl(
+                "native",
+                _native,
+                ("cpu", "cuda", "meta"),
+                unavailable=_library.native_unavailable("torchfast::bias_act"),
+            ),
             Impl("triton", _triton_bias_act, ("cuda", "cpu"), unavailable=_triton_unavailable),
             Impl("reference", bias_act_reference, ("cpu", "cuda", "meta", "mps", "xpu", "xla"), auto=False),
         ],
@@ -201,7 +227,9 @@ SPEC = register(
 )
 
 
-def bias_act(x: torch.Tensor, bias: torch.Tensor | None, *, act: str, impl: str | None = None) -> torch.Tensor:
+def bias_act(
+    x: torch.Tensor, bias: torch.Tensor | None, *, act: str, impl: str | None = None
+) -> torch.Tensor:
     """y = act(x + bias), the bias added along the last dimension, in one fused pass.
 
     Args:
@@ -221,23 +249,27 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, *, act: str, impl: str 
     # TorchScript tracer, where sizes are traced tensors and comparing them warns: the op checks again.
     if bias is not None and not torch.jit.is_tracing():
         if x.dim() == 0:
-            raise RuntimeError("torchfast.bias_act: 'x' is 0-dimensional, but a bias is added along its last "
-                               "dimension; pass bias=None or give x at least one dimension")
+            raise RuntimeError(
+                "torchfast.bias_act: 'x' is 0-dimensional, but a bias is added along its last "
+                "dimension; pass bias=None or give x at least one dimension"
+            )
         if bias.dim() != 1 or bias.shape[0] != x.shape[-1]:
-            raise RuntimeError(f"torchfast.bias_act: argument 'bias' has shape {list(bias.shape)} but x's last "
-                               f"dimension is {x.shape[-1]}; bias must be 1-D with x.size(-1) elements")
+            raise RuntimeError(
+                f"torchfast.bias_act: argument 'bias' has shape {list(bias.shape)} but x's last "
+                f"dimension is {x.shape[-1]}; bias must be 1-D with x.size(-1) elements"
+            )
     return spec_impl.fn(x, bias, act=act)
 
 
 SPEC.function = bias_act
-__all__ = ["ACTS", "bias_act", "bias_act_reference", "bias_act_backward_reference"]
+__all__ = ["ACTS", "bias_act", "bias_act_backward_reference", "bias_act_reference"]
 
 
 # --- ONNX -------------------------------------------------------------------------------------------
 # Standard-domain ONNX only: Add for the bias, then the activation (torchfast/ops/_activations.py:
 # Relu; Gelu from opset 20, Erf/Tanh decompositions below; Swish from 24, Sigmoid+Mul below).
-from torchfast.export._tables import onnx_opset  # noqa: E402
-from torchfast.ops._activations import LEGACY_OPSETS, ONNX_OPSETS, legacy_act, onnx_act  # noqa: E402
+from torchfast.export._tables import onnx_opset
+from torchfast.ops._activations import LEGACY_OPSETS, ONNX_OPSETS, legacy_act, onnx_act
 
 
 def _bias_act_translation(opset):

@@ -49,6 +49,7 @@ def _act(op: str, approximate: str = "none") -> str:
 
 # -- references -----------------------------------------------------------------------------------------
 
+
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     """Pure-PyTorch swiglu (packed when up is None), differentiable by autograd."""
     if up is None:
@@ -56,7 +57,9 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor | None = None) -> torc
     return act_fn("swish", gate) * up
 
 
-def geglu_reference(gate: torch.Tensor, up: torch.Tensor | None = None, *, approximate: str = "none") -> torch.Tensor:
+def geglu_reference(
+    gate: torch.Tensor, up: torch.Tensor | None = None, *, approximate: str = "none"
+) -> torch.Tensor:
     """Pure-PyTorch geglu (packed when up is None), differentiable by autograd."""
     if up is None:
         gate, up = gate.chunk(2, dim=-1)
@@ -69,6 +72,7 @@ def glu_backward_reference(grad_out, gate, up, *, act):
 
 
 # -- the kernels of the build without _C ----------------------------------------------------------------
+
 
 def _low(*ts):
     c = compute_dtype(ts[0])
@@ -114,33 +118,57 @@ def _fb_gelu(make):
     return kernel
 
 
-_library.define_fallback(SCHEMAS_SWIGLU, {"swiglu": _fb_forward("swish"), "swiglu_backward": _fb_backward("swish")})
-_library.define_fallback(SCHEMAS_SWIGLU_PACKED, {"swiglu_packed": _fb_packed_forward("swish"),
-                                                 "swiglu_packed_backward": _fb_packed_backward("swish")})
-_library.define_fallback(SCHEMAS_GEGLU, {"geglu": _fb_gelu(_fb_forward),
-                                         "geglu_backward": _fb_gelu(_fb_backward)})
-_library.define_fallback(SCHEMAS_GEGLU_PACKED, {"geglu_packed": _fb_gelu(_fb_packed_forward),
-                                                "geglu_packed_backward": _fb_gelu(_fb_packed_backward)})
+_library.define_fallback(
+    SCHEMAS_SWIGLU, {"swiglu": _fb_forward("swish"), "swiglu_backward": _fb_backward("swish")}
+)
+_library.define_fallback(
+    SCHEMAS_SWIGLU_PACKED,
+    {"swiglu_packed": _fb_packed_forward("swish"), "swiglu_packed_backward": _fb_packed_backward("swish")},
+)
+_library.define_fallback(
+    SCHEMAS_GEGLU, {"geglu": _fb_gelu(_fb_forward), "geglu_backward": _fb_gelu(_fb_backward)}
+)
+_library.define_fallback(
+    SCHEMAS_GEGLU_PACKED,
+    {"geglu_packed": _fb_gelu(_fb_packed_forward), "geglu_packed_backward": _fb_gelu(_fb_packed_backward)},
+)
 
 
 # -- fake kernels: the layouts of glu_cpu.cpp ------------------------------------------------------------
 
+
 def _check_pair(gate, up, op):
-    torch._check(gate.shape == up.shape, lambda: f"torchfast.{op}: 'gate' has shape {tuple(gate.shape)} but "
-                 f"'up' has shape {tuple(up.shape)}; they must match")
+    torch._check(
+        gate.shape == up.shape,
+        lambda: (
+            f"torchfast.{op}: 'gate' has shape {tuple(gate.shape)} but "
+            f"'up' has shape {tuple(up.shape)}; they must match"
+        ),
+    )
 
 
 def _half(x, op):
-    torch._check(x.dim() >= 1, lambda: f"torchfast.{op}: argument 'x' is 0-dimensional; a packed input holds "
-                 "the gate and up halves side by side along its last dimension")
-    torch._check_value(x.shape[-1] % 2 == 0, lambda: f"torchfast.{op}: argument 'x' has an odd last dimension "
-                       f"({x.shape[-1]}); a packed input holds the gate and up halves side by side, so its "
-                       "width must be even")
+    torch._check(
+        x.dim() >= 1,
+        lambda: (
+            f"torchfast.{op}: argument 'x' is 0-dimensional; a packed input holds "
+            "the gate and up halves side by side along its last dimension"
+        ),
+    )
+    torch._check_value(
+        x.shape[-1] % 2 == 0,
+        lambda: (
+            f"torchfast.{op}: argument 'x' has an odd last dimension "
+            f"({x.shape[-1]}); a packed input holds the gate and up halves side by side, so its "
+            "width must be even"
+        ),
+    )
     return x.shape[-1] // 2
 
 
 def _register_fakes(op, packed):
     if not packed:
+
         def fwd(gate, up, **kw):
             _act(op, **kw)
             _check_pair(gate, up, op)
@@ -149,10 +177,16 @@ def _register_fakes(op, packed):
         def bwd(grad_out, gate, up, **kw):
             _act(op, **kw)
             _check_pair(gate, up, op + "_backward")
-            torch._check(grad_out.shape == gate.shape, lambda: f"torchfast.{op}_backward: 'grad_out' has shape "
-                         f"{tuple(grad_out.shape)} but 'gate' has shape {tuple(gate.shape)}; they must match")
+            torch._check(
+                grad_out.shape == gate.shape,
+                lambda: (
+                    f"torchfast.{op}_backward: 'grad_out' has shape "
+                    f"{tuple(grad_out.shape)} but 'gate' has shape {tuple(gate.shape)}; they must match"
+                ),
+            )
             return torch.empty_like(gate), torch.empty_like(gate)
     else:
+
         def fwd(x, **kw):
             _act(op, **kw)
             h = _half(x, op)
@@ -161,9 +195,14 @@ def _register_fakes(op, packed):
         def bwd(grad_out, x, **kw):
             _act(op, **kw)
             h = _half(x, op + "_backward")
-            torch._check(grad_out.shape == (*x.shape[:-1], h), lambda: f"torchfast.{op}_backward: 'grad_out' has "
-                         f"shape {tuple(grad_out.shape)} but the output of a packed 'x' of shape {tuple(x.shape)} "
-                         f"has shape {(*x.shape[:-1], h)}")
+            torch._check(
+                grad_out.shape == (*x.shape[:-1], h),
+                lambda: (
+                    f"torchfast.{op}_backward: 'grad_out' has "
+                    f"shape {tuple(grad_out.shape)} but the output of a packed 'x' of shape {tuple(x.shape)} "
+                    f"has shape {(*x.shape[:-1], h)}"
+                ),
+            )
             return x.new_empty(x.shape)
 
     torch.library.register_fake(f"torchfast::{op}", fwd)
@@ -172,6 +211,7 @@ def _register_fakes(op, packed):
 
 # -- autograd ---------------------------------------------------------------------------------------------
 
+
 def _glu_double_backward(act, grad_out, gate, up, g_gate, g_up):
     """Gradients of (d_gate, d_up) = (go u a'(g), go a(g)) given upstream (G_gate, G_up):
     d/dgo = G_gate u a' + G_up a,  d/dgate = G_gate go u a'' + G_up go a',  d/dup = G_gate go a'."""
@@ -179,9 +219,11 @@ def _glu_double_backward(act, grad_out, gate, up, g_gate, g_up):
     g_gate = zeros if g_gate is None else g_gate
     g_up = zeros if g_up is None else g_up
     a, d1, d2 = act_fn(act, gate), act_grad(act, gate), act_grad2(act, gate)
-    return (g_gate * up * d1 + g_up * a,
-            g_gate * grad_out * up * d2 + g_up * grad_out * d1,
-            g_gate * grad_out * d1)
+    return (
+        g_gate * up * d1 + g_up * a,
+        g_gate * grad_out * up * d2 + g_up * grad_out * d1,
+        g_gate * grad_out * d1,
+    )
 
 
 def _register_autograd(op, packed):
@@ -199,10 +241,12 @@ def _register_autograd(op, packed):
         ctx.save_for_backward(*inputs)
 
     if not packed:
+
         def backward_bwd(ctx, g_gate, g_up):
             grad_out, gate, up = ctx.saved_tensors
             return _glu_double_backward(_act(op, **ctx.kw), grad_out, gate, up, g_gate, g_up)
     else:
+
         def backward_bwd(ctx, g_x):
             grad_out, x = ctx.saved_tensors
             gate, up = x.chunk(2, dim=-1)
@@ -234,6 +278,7 @@ for _op, _packed in (("swiglu", False), ("swiglu_packed", True), ("geglu", False
 
 # -- registry entries and public functions ------------------------------------------------------------
 
+
 def _triton(name):
     def fn(*args, **kw):
         from torchfast.triton import glu as triton_glu
@@ -251,7 +296,7 @@ def _triton_unavailable(device_type: str, explicit: bool) -> str | None:
 
 def _samples_pair(kwargs_list):
     def sample_inputs(device, dtype):
-        make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) * 3  # noqa: E731
+        make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) * 3
         shapes = [
             lambda: (make(4, 33), make(4, 33)),
             lambda: (make(2, 3, 7), make(2, 3, 7)),
@@ -260,8 +305,10 @@ def _samples_pair(kwargs_list):
             lambda: (make(()), make(())),
             lambda: tuple(make(3, 2 * 19).chunk(2, dim=-1)),  # halves of a packed tensor: row views
             lambda: (make(4, 6, 5)[:, ::2], make(4, 3, 5)),  # strided with gaps, mixed layouts
-            lambda: (make(2, 3, 5, 4).to(memory_format=torch.channels_last),
-                     make(2, 3, 5, 4).to(memory_format=torch.channels_last)),
+            lambda: (
+                make(2, 3, 5, 4).to(memory_format=torch.channels_last),
+                make(2, 3, 5, 4).to(memory_format=torch.channels_last),
+            ),
             lambda: (make(6, 4).t(), make(4, 6)),  # transposed gate, contiguous up
         ]
         return [(shape(), kwargs_list[i % len(kwargs_list)]) for i, shape in enumerate(shapes)]
@@ -271,7 +318,7 @@ def _samples_pair(kwargs_list):
 
 def _samples_packed(kwargs_list):
     def sample_inputs(device, dtype):
-        make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) * 3  # noqa: E731
+        make = lambda *shape: torch.randn(*shape, device=device, dtype=dtype) * 3
         shapes = [
             lambda: make(4, 66),
             lambda: make(2, 3, 14),
@@ -290,39 +337,56 @@ _DEVICES_REF = ("cpu", "cuda", "meta", "mps", "xpu", "xla")
 
 
 def _spec(name, schemas, reference, native, arg_names, samples, function):
-    return register(OpSpec(
-        name=name,
-        schemas=schemas,
-        reference=reference,
-        arg_names=arg_names,
-        impls=[
-            Impl("native", native, ("cpu", "cuda", "meta"), unavailable=_library.native_unavailable(f"torchfast::{name}")),
-            Impl("triton", _triton(name), ("cuda", "cpu"), unavailable=_triton_unavailable),
-            Impl("reference", reference, _DEVICES_REF, auto=False),
-        ],
-        sample_inputs=samples,
-        function=function,
-    ))
+    return register(
+        OpSpec(
+            name=name,
+            schemas=schemas,
+            reference=reference,
+            arg_names=arg_names,
+            impls=[
+                Impl(
+                    "native",
+                    native,
+                    ("cpu", "cuda", "meta"),
+                    unavailable=_library.native_unavailable(f"torchfast::{name}"),
+                ),
+                Impl("triton", _triton(name), ("cuda", "cpu"), unavailable=_triton_unavailable),
+                Impl("reference", reference, _DEVICES_REF, auto=False),
+            ],
+            sample_inputs=samples,
+            function=function,
+        )
+    )
 
 
 # The public functions check shapes in Python for messages in the caller's terms; the ops check again.
 # Skipped under the TorchScript tracer, where sizes are traced tensors and comparing them warns.
 
+
 def _check_packed_width(x, op):
     if torch.jit.is_tracing():
         return
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] % 2:
-        width = "0-dimensional" if isinstance(x, torch.Tensor) and x.dim() == 0 else \
-            f"of odd width {x.shape[-1]}" if isinstance(x, torch.Tensor) else "not a Tensor"
-        raise ValueError(f"torchfast.{op}: with 'up' omitted, argument 'gate' is taken as a packed [..., 2H] "
-                         f"tensor holding the gate and up halves side by side (op {op}_packed, argument 'x'), "
-                         f"but it is {width}")
+        width = (
+            "0-dimensional"
+            if isinstance(x, torch.Tensor) and x.dim() == 0
+            else f"of odd width {x.shape[-1]}"
+            if isinstance(x, torch.Tensor)
+            else "not a Tensor"
+        )
+        raise ValueError(
+            f"torchfast.{op}: with 'up' omitted, argument 'gate' is taken as a packed [..., 2H] "
+            f"tensor holding the gate and up halves side by side (op {op}_packed, argument 'x'), "
+            f"but it is {width}"
+        )
 
 
 def _check_same(gate, up, op):
     if not torch.jit.is_tracing() and gate.shape != up.shape:
-        raise RuntimeError(f"torchfast.{op}: 'gate' has shape {tuple(gate.shape)} but 'up' has shape "
-                           f"{tuple(up.shape)}; they must match")
+        raise RuntimeError(
+            f"torchfast.{op}: 'gate' has shape {tuple(gate.shape)} but 'up' has shape "
+            f"{tuple(up.shape)}; they must match"
+        )
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, impl: str | None = None) -> torch.Tensor:
@@ -346,8 +410,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, impl: str | No
     return impl_.fn(gate, up)
 
 
-def geglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, approximate: str = "none",
-          impl: str | None = None) -> torch.Tensor:
+def geglu(
+    gate: torch.Tensor, up: torch.Tensor | None = None, *, approximate: str = "none", impl: str | None = None
+) -> torch.Tensor:
     """geglu(gate, up) = gelu(gate) * up, elementwise; `approximate` is "none" (erf) or "tanh" as in
     torch.nn.functional.gelu. Packed form, dtypes and `impl` as in `swiglu`."""
     gelu_act(approximate, "geglu")
@@ -360,17 +425,43 @@ def geglu(gate: torch.Tensor, up: torch.Tensor | None = None, *, approximate: st
     return impl_.fn(gate, up, approximate=approximate)
 
 
-SWIGLU = _spec("swiglu", SCHEMAS_SWIGLU, swiglu_reference, lambda g, u: torch.ops.torchfast.swiglu(g, u),
-               ("gate", "up"), _samples_pair([{}]), swiglu)
-SWIGLU_PACKED = _spec("swiglu_packed", SCHEMAS_SWIGLU_PACKED, swiglu_reference,
-                      lambda x: torch.ops.torchfast.swiglu_packed(x), ("x",), _samples_packed([{}]), swiglu)
+SWIGLU = _spec(
+    "swiglu",
+    SCHEMAS_SWIGLU,
+    swiglu_reference,
+    lambda g, u: torch.ops.torchfast.swiglu(g, u),
+    ("gate", "up"),
+    _samples_pair([{}]),
+    swiglu,
+)
+SWIGLU_PACKED = _spec(
+    "swiglu_packed",
+    SCHEMAS_SWIGLU_PACKED,
+    swiglu_reference,
+    lambda x: torch.ops.torchfast.swiglu_packed(x),
+    ("x",),
+    _samples_packed([{}]),
+    swiglu,
+)
 _APPROX = [{"approximate": "none"}, {"approximate": "tanh"}]
-GEGLU = _spec("geglu", SCHEMAS_GEGLU, geglu_reference,
-              lambda g, u, approximate="none": torch.ops.torchfast.geglu(g, u, approximate=approximate),
-              ("gate", "up"), _samples_pair(_APPROX), geglu)
-GEGLU_PACKED = _spec("geglu_packed", SCHEMAS_GEGLU_PACKED, geglu_reference,
-                     lambda x, approximate="none": torch.ops.torchfast.geglu_packed(x, approximate=approximate),
-                     ("x",), _samples_packed(_APPROX), geglu)
+GEGLU = _spec(
+    "geglu",
+    SCHEMAS_GEGLU,
+    geglu_reference,
+    lambda g, u, approximate="none": torch.ops.torchfast.geglu(g, u, approximate=approximate),
+    ("gate", "up"),
+    _samples_pair(_APPROX),
+    geglu,
+)
+GEGLU_PACKED = _spec(
+    "geglu_packed",
+    SCHEMAS_GEGLU_PACKED,
+    geglu_reference,
+    lambda x, approximate="none": torch.ops.torchfast.geglu_packed(x, approximate=approximate),
+    ("x",),
+    _samples_packed(_APPROX),
+    geglu,
+)
 
 __all__ = ["geglu", "geglu_reference", "glu_backward_reference", "swiglu", "swiglu_reference"]
 
@@ -379,8 +470,8 @@ __all__ = ["geglu", "geglu_reference", "glu_backward_reference", "swiglu", "swig
 # Standard-domain ONNX only: act(gate) * up with the activation of torchfast/ops/_activations.py
 # (Gelu from opset 20, Swish from 24, decompositions below), and for the packed form a Split of the
 # last dimension into two equal halves (`num_outputs` from opset 18, equal split before).
-from torchfast.export._tables import onnx_opset  # noqa: E402
-from torchfast.ops._activations import LEGACY_OPSETS, ONNX_OPSETS, legacy_act, onnx_act  # noqa: E402
+from torchfast.export._tables import onnx_opset
+from torchfast.ops._activations import LEGACY_OPSETS, ONNX_OPSETS, legacy_act, onnx_act
 
 
 def _glu_translation(name, packed, opset):
@@ -408,8 +499,12 @@ def _glu_symbolic(name, packed, opset):
     return symbolic
 
 
-for _name, _packed, _spec in (("swiglu", False, SWIGLU), ("swiglu_packed", True, SWIGLU_PACKED),
-                              ("geglu", False, GEGLU), ("geglu_packed", True, GEGLU_PACKED)):
+for _name, _packed, _spec in (
+    ("swiglu", False, SWIGLU),
+    ("swiglu_packed", True, SWIGLU_PACKED),
+    ("geglu", False, GEGLU),
+    ("geglu_packed", True, GEGLU_PACKED),
+):
     _spec.onnx_translations[_name] = {o: _glu_translation(_name, _packed, o) for o in ONNX_OPSETS}
     _spec.onnx_symbolics[_name] = {o: _glu_symbolic(_name, _packed, o) for o in sorted({*LEGACY_OPSETS, 18})}
 # --- end ONNX ---------------------------------------------------------------------------------------

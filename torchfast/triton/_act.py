@@ -67,10 +67,10 @@ def act_fwd(x, ACT: tl.constexpr, F64: tl.constexpr):
     elif ACT == 1:
         y = tl.where(x <= 0, 0.0, x)
     elif ACT == 2:
-        cdf, pdf = gelu_cdf_pdf(x, F64)
+        cdf, _pdf = gelu_cdf_pdf(x, F64)
         y = x * cdf
     elif ACT == 3:
-        s, du = gelu_tanh_parts(x)
+        s, _du = gelu_tanh_parts(x)
         y = x * s
     else:
         y = x * sigmoid(x)
@@ -103,6 +103,6 @@ def act_bwd(g, x, ACT: tl.constexpr, F64: tl.constexpr):
     elif ACT == 1:
         dx = tl.where(x <= 0, 0.0, g)
     else:
-        y, d = act_fwd_deriv(x, ACT, F64)
+        _y, d = act_fwd_deriv(x, ACT, F64)
         dx = g * d
     return dx

@@ -15,8 +15,6 @@ On CPU the kernels run under TRITON_INTERPRET=1 (the tests do); tracing (opcheck
 Triton ops works on a GPU only (see torchfast/triton/swish.py).
 """
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -34,8 +32,17 @@ _MAX_ROW_SLICES = 64
 
 
 @triton.jit
-def _bias_act_fwd_kernel(x_ptr, b_ptr, y_ptr, n, cols, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK: tl.constexpr, F64: tl.constexpr):
+def _bias_act_fwd_kernel(
+    x_ptr,
+    b_ptr,
+    y_ptr,
+    n,
+    cols,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    F64: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
@@ -60,9 +67,20 @@ def _bias_act_dx_kernel(g_ptr, x_ptr, dx_ptr, n, ACT: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def _bias_act_bwd_reduce_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, partial_ptr, rows, cols, rows_per_slice,
-                                ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                                F64: tl.constexpr):
+def _bias_act_bwd_reduce_kernel(
+    g_ptr,
+    x_ptr,
+    b_ptr,
+    dx_ptr,
+    partial_ptr,
+    rows,
+    cols,
+    rows_per_slice,
+    ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    F64: tl.constexpr,
+):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < cols
     b = tl.load(b_ptr + c, mask=cmask, other=0.0)
@@ -92,17 +110,24 @@ def _compute_dtype(t):
 def _check_bias(x, bias, op):
     _check_input(bias, op, "bias")
     if bias.device != x.device:
-        raise RuntimeError(f"torchfast.{op}: 'bias' is on {bias.device} but 'x' is on {x.device}; they must be "
-                           "on the same device")
+        raise RuntimeError(
+            f"torchfast.{op}: 'bias' is on {bias.device} but 'x' is on {x.device}; they must be "
+            "on the same device"
+        )
     if bias.dtype != x.dtype:
-        raise TypeError(f"torchfast.{op}: 'bias' has dtype {bias.dtype} but 'x' has dtype {x.dtype}; they "
-                        "must match")
-    torch._check(x.dim() >= 1 and bias.dim() == 1 and bias.shape[0] == x.shape[-1],
-                 lambda: f"torchfast.{op}: argument 'bias' has shape {list(bias.shape)} but x's last dimension "
-                 f"is {x.shape[-1] if x.dim() else None}; bias must be 1-D with x.size(-1) elements")
+        raise TypeError(
+            f"torchfast.{op}: 'bias' has dtype {bias.dtype} but 'x' has dtype {x.dtype}; they must match"
+        )
+    torch._check(
+        x.dim() >= 1 and bias.dim() == 1 and bias.shape[0] == x.shape[-1],
+        lambda: (
+            f"torchfast.{op}: argument 'bias' has shape {list(bias.shape)} but x's last dimension "
+            f"is {x.shape[-1] if x.dim() else None}; bias must be 1-D with x.size(-1) elements"
+        ),
+    )
 
 
-def bias_act_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> torch.Tensor:
+def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
     """act(x + bias) by `_bias_act_fwd_kernel` (not differentiable: use `bias_act`)."""
     _check_input(x, "bias_act", "x")
     code = ACT_CODES[check_act(act, "bias_act")]
@@ -111,19 +136,22 @@ def bias_act_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], act: str) -> tor
         y = torch.empty_like(x)
         if y.numel() > 0:
             wrap_triton(_bias_act_fwd_kernel)[_grid(y.numel())](
-                _laid_out_like(x, y), y, y, y.numel(), 1, ACT=code, HAS_BIAS=False, BLOCK=_BLOCK, F64=f64)
+                _laid_out_like(x, y), y, y, y.numel(), 1, ACT=code, HAS_BIAS=False, BLOCK=_BLOCK, F64=f64
+            )
         return y
     _check_bias(x, bias, "bias_act")
     y = x.new_empty(x.shape)
     if y.numel() > 0:
         b = bias.to(_compute_dtype(x)).contiguous()
         wrap_triton(_bias_act_fwd_kernel)[_grid(y.numel())](
-            x.contiguous(), b, y, y.numel(), x.shape[-1], ACT=code, HAS_BIAS=True, BLOCK=_BLOCK, F64=f64)
+            x.contiguous(), b, y, y.numel(), x.shape[-1], ACT=code, HAS_BIAS=True, BLOCK=_BLOCK, F64=f64
+        )
     return y
 
 
-def bias_act_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
-                 act: str) -> tuple[torch.Tensor, torch.Tensor]:
+def bias_act_bwd(
+    grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, act: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias) by `_bias_act_dx_kernel` (no bias) or `_bias_act_bwd_reduce_kernel`; dbias has bias's
     shape and dtype, or shape [0] when bias is None."""
     op = "bias_act_backward"
@@ -131,16 +159,30 @@ def bias_act_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[torch.T
     _check_input(x, op, "x")
     code = ACT_CODES[check_act(act, op)]
     if grad_out.dtype != x.dtype:
-        raise TypeError(f"torchfast.{op}: 'grad_out' has dtype {grad_out.dtype} but 'x' has dtype {x.dtype}; "
-                        "they must match")
-    torch._check(grad_out.shape == x.shape, lambda: f"torchfast.{op}: 'grad_out' has shape "
-                 f"{tuple(grad_out.shape)} but 'x' has shape {tuple(x.shape)}; they must match")
+        raise TypeError(
+            f"torchfast.{op}: 'grad_out' has dtype {grad_out.dtype} but 'x' has dtype {x.dtype}; "
+            "they must match"
+        )
+    torch._check(
+        grad_out.shape == x.shape,
+        lambda: (
+            f"torchfast.{op}: 'grad_out' has shape "
+            f"{tuple(grad_out.shape)} but 'x' has shape {tuple(x.shape)}; they must match"
+        ),
+    )
     f64 = x.dtype == torch.float64
     if bias is None:
         dx = torch.empty_like(x)
         if dx.numel() > 0:
             wrap_triton(_bias_act_dx_kernel)[_grid(dx.numel())](
-                _laid_out_like(grad_out, dx), _laid_out_like(x, dx), dx, dx.numel(), ACT=code, BLOCK=_BLOCK, F64=f64)
+                _laid_out_like(grad_out, dx),
+                _laid_out_like(x, dx),
+                dx,
+                dx.numel(),
+                ACT=code,
+                BLOCK=_BLOCK,
+                F64=f64,
+            )
         return dx, x.new_empty((0,))
     _check_bias(x, bias, op)
     cols = x.shape[-1]
@@ -154,8 +196,19 @@ def bias_act_bwd(grad_out: torch.Tensor, x: torch.Tensor, bias: Optional[torch.T
     partial = torch.empty((slices, cols), dtype=_compute_dtype(x), device=x.device)
     grid = (triton.cdiv(cols, _BLOCK_C), slices)
     wrap_triton(_bias_act_bwd_reduce_kernel)[grid](
-        grad_out.contiguous(), x.contiguous(), bias.to(_compute_dtype(x)).contiguous(), dx, partial, rows, cols,
-        rows_per_slice, ACT=code, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, F64=f64)
+        grad_out.contiguous(),
+        x.contiguous(),
+        bias.to(_compute_dtype(x)).contiguous(),
+        dx,
+        partial,
+        rows,
+        cols,
+        rows_per_slice,
+        ACT=code,
+        BLOCK_R=_BLOCK_R,
+        BLOCK_C=_BLOCK_C,
+        F64=f64,
+    )
     return dx, partial.sum(0).to(bias.dtype)
 
 
@@ -186,7 +239,7 @@ def _backward_bwd(ctx, grad_dx, grad_db):
     from torchfast.ops.bias_act import double_backward
 
     grad_out, x, bias = ctx.saved_tensors
-    first = lambda g: torch.ops.torchfast.bias_act_backward_triton(g, x, bias, ctx.act)[0]  # noqa: E731
+    first = lambda g: torch.ops.torchfast.bias_act_backward_triton(g, x, bias, ctx.act)[0]
     return (*double_backward(first, ctx.act, grad_out, x, bias, grad_dx, grad_db), None)
 
 
@@ -204,7 +257,7 @@ _library.register_autocast_casting("torchfast::bias_act_triton", _autocast_bias_
 _library.register_autocast_same_dtype("torchfast::bias_act_backward_triton")
 
 
-def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor], *, act: str) -> torch.Tensor:
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, *, act: str) -> torch.Tensor:
     """act(x + bias) with the Triton kernels, differentiable (backward saves x and bias); what
     `torchfast.bias_act(..., impl="triton")` runs."""
     return torch.ops.torchfast.bias_act_triton(x, bias, act)

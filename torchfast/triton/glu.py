@@ -27,8 +27,18 @@ _GATED = ("swish", "gelu", "gelu_tanh")
 
 
 @triton.jit
-def _glu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, half, row_stride, ACT: tl.constexpr, PACKED: tl.constexpr,
-                    BLOCK: tl.constexpr, F64: tl.constexpr):
+def _glu_fwd_kernel(
+    g_ptr,
+    u_ptr,
+    y_ptr,
+    n,
+    half,
+    row_stride,
+    ACT: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    F64: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if PACKED:  # gate at row * 2H + c, up H further
@@ -45,8 +55,20 @@ def _glu_fwd_kernel(g_ptr, u_ptr, y_ptr, n, half, row_stride, ACT: tl.constexpr,
 
 
 @triton.jit
-def _glu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, half, row_stride, ACT: tl.constexpr,
-                    PACKED: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr):
+def _glu_bwd_kernel(
+    dy_ptr,
+    g_ptr,
+    u_ptr,
+    dg_ptr,
+    du_ptr,
+    n,
+    half,
+    row_stride,
+    ACT: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    F64: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     if PACKED:
@@ -67,7 +89,9 @@ def _glu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, half, row_stride, A
 
 def _code(act: str, op: str) -> int:
     if act not in _GATED:
-        raise ValueError(f"torchfast.{op}: unknown gated activation {act!r}; expected one of {', '.join(_GATED)}")
+        raise ValueError(
+            f"torchfast.{op}: unknown gated activation {act!r}; expected one of {', '.join(_GATED)}"
+        )
     return ACT_CODES[act]
 
 
@@ -75,20 +99,39 @@ def _check_pair(a, b, op, an, bn):
     _check_input(a, op, an)
     _check_input(b, op, bn)
     if a.device != b.device:
-        raise RuntimeError(f"torchfast.{op}: '{an}' is on {a.device} but '{bn}' is on {b.device}; they must be on "
-                           "the same device")
+        raise RuntimeError(
+            f"torchfast.{op}: '{an}' is on {a.device} but '{bn}' is on {b.device}; they must be on "
+            "the same device"
+        )
     if a.dtype != b.dtype:
-        raise TypeError(f"torchfast.{op}: '{an}' has dtype {a.dtype} but '{bn}' has dtype {b.dtype}; they must match")
-    torch._check(a.shape == b.shape, lambda: f"torchfast.{op}: '{an}' has shape {tuple(a.shape)} but '{bn}' has "
-                 f"shape {tuple(b.shape)}; they must match")
+        raise TypeError(
+            f"torchfast.{op}: '{an}' has dtype {a.dtype} but '{bn}' has dtype {b.dtype}; they must match"
+        )
+    torch._check(
+        a.shape == b.shape,
+        lambda: (
+            f"torchfast.{op}: '{an}' has shape {tuple(a.shape)} but '{bn}' has "
+            f"shape {tuple(b.shape)}; they must match"
+        ),
+    )
 
 
 def _half(x, op):
-    torch._check(x.dim() >= 1, lambda: f"torchfast.{op}: argument 'x' is 0-dimensional; a packed input holds the "
-                 "gate and up halves side by side along its last dimension")
-    torch._check_value(x.shape[-1] % 2 == 0, lambda: f"torchfast.{op}: argument 'x' has an odd last dimension "
-                       f"({x.shape[-1]}); a packed input holds the gate and up halves side by side, so its width "
-                       "must be even")
+    torch._check(
+        x.dim() >= 1,
+        lambda: (
+            f"torchfast.{op}: argument 'x' is 0-dimensional; a packed input holds the "
+            "gate and up halves side by side along its last dimension"
+        ),
+    )
+    torch._check_value(
+        x.shape[-1] % 2 == 0,
+        lambda: (
+            f"torchfast.{op}: argument 'x' has an odd last dimension "
+            f"({x.shape[-1]}); a packed input holds the gate and up halves side by side, so its width "
+            "must be even"
+        ),
+    )
     return x.shape[-1] // 2
 
 
@@ -98,12 +141,24 @@ def glu_fwd(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     y = torch.empty_like(gate)
     n = y.numel()
     if n > 0:
-        wrap_triton(_glu_fwd_kernel)[_grid(n)](_laid_out_like(gate, y), _laid_out_like(up, y), y, n, 1, 1,
-                                               ACT=code, PACKED=False, BLOCK=_BLOCK, F64=y.dtype == torch.float64)
+        wrap_triton(_glu_fwd_kernel)[_grid(n)](
+            _laid_out_like(gate, y),
+            _laid_out_like(up, y),
+            y,
+            n,
+            1,
+            1,
+            ACT=code,
+            PACKED=False,
+            BLOCK=_BLOCK,
+            F64=y.dtype == torch.float64,
+        )
     return y
 
 
-def glu_bwd(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+def glu_bwd(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     code = _code(act, "glu_backward")
     _check_pair(gate, up, "glu_backward", "gate", "up")
     _check_pair(grad_out, gate, "glu_backward", "grad_out", "gate")
@@ -111,8 +166,19 @@ def glu_bwd(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: s
     n = dg.numel()
     if n > 0:
         wrap_triton(_glu_bwd_kernel)[_grid(n)](
-            _laid_out_like(grad_out, dg), _laid_out_like(gate, dg), _laid_out_like(up, dg), dg, du, n, 1, 1,
-            ACT=code, PACKED=False, BLOCK=_BLOCK, F64=dg.dtype == torch.float64)
+            _laid_out_like(grad_out, dg),
+            _laid_out_like(gate, dg),
+            _laid_out_like(up, dg),
+            dg,
+            du,
+            n,
+            1,
+            1,
+            ACT=code,
+            PACKED=False,
+            BLOCK=_BLOCK,
+            F64=dg.dtype == torch.float64,
+        )
     return dg, du
 
 
@@ -124,8 +190,9 @@ def glu_packed_fwd(x: torch.Tensor, act: str) -> torch.Tensor:
     n = y.numel()
     if n > 0:
         xc = x.contiguous()
-        wrap_triton(_glu_fwd_kernel)[_grid(n)](xc, xc[..., h:], y, n, h, 2 * h, ACT=code, PACKED=True,
-                                               BLOCK=_BLOCK, F64=x.dtype == torch.float64)
+        wrap_triton(_glu_fwd_kernel)[_grid(n)](
+            xc, xc[..., h:], y, n, h, 2 * h, ACT=code, PACKED=True, BLOCK=_BLOCK, F64=x.dtype == torch.float64
+        )
     return y
 
 
@@ -134,22 +201,41 @@ def glu_packed_bwd(grad_out: torch.Tensor, x: torch.Tensor, act: str) -> torch.T
     _check_input(grad_out, "glu_packed_backward", "grad_out")
     _check_input(x, "glu_packed_backward", "x")
     h = _half(x, "glu_packed_backward")
-    torch._check(grad_out.shape == (*x.shape[:-1], h), lambda: f"torchfast.glu_packed_backward: 'grad_out' has shape "
-                 f"{tuple(grad_out.shape)} but the output of a packed 'x' of shape {tuple(x.shape)} has shape "
-                 f"{(*x.shape[:-1], h)}")
+    torch._check(
+        grad_out.shape == (*x.shape[:-1], h),
+        lambda: (
+            f"torchfast.glu_packed_backward: 'grad_out' has shape "
+            f"{tuple(grad_out.shape)} but the output of a packed 'x' of shape {tuple(x.shape)} has shape "
+            f"{(*x.shape[:-1], h)}"
+        ),
+    )
     dx = x.new_empty(x.shape)
     n = grad_out.numel()
     if n > 0:
         xc = x.contiguous()
-        wrap_triton(_glu_bwd_kernel)[_grid(n)](grad_out.contiguous(), xc, xc[..., h:], dx, dx[..., h:], n, h, 2 * h,
-                                               ACT=code, PACKED=True, BLOCK=_BLOCK, F64=x.dtype == torch.float64)
+        wrap_triton(_glu_bwd_kernel)[_grid(n)](
+            grad_out.contiguous(),
+            xc,
+            xc[..., h:],
+            dx,
+            dx[..., h:],
+            n,
+            h,
+            2 * h,
+            ACT=code,
+            PACKED=True,
+            BLOCK=_BLOCK,
+            F64=x.dtype == torch.float64,
+        )
     return dx
 
 
 glu_triton = triton_op("torchfast::glu_triton", glu_fwd, mutates_args=())
 glu_backward_triton = triton_op("torchfast::glu_backward_triton", glu_bwd, mutates_args=())
 glu_packed_triton = triton_op("torchfast::glu_packed_triton", glu_packed_fwd, mutates_args=())
-glu_packed_backward_triton = triton_op("torchfast::glu_packed_backward_triton", glu_packed_bwd, mutates_args=())
+glu_packed_backward_triton = triton_op(
+    "torchfast::glu_packed_backward_triton", glu_packed_bwd, mutates_args=()
+)
 
 
 def _setup(ctx, inputs, output):
