@@ -52,6 +52,12 @@ def common_args(p: argparse.ArgumentParser, default_shapes: list[str]) -> None:
         help="untimed calls per variant before timing (torch.compile needs a few to settle)",
     )
     p.add_argument("--min-block-ms", type=float, default=20.0, help="minimum duration of one timed sample")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "process"],
+        help="wall time, or process CPU time (robust on a shared machine; meaningful at --threads 1 only)",
+    )
     p.add_argument("--quick", action="store_true", help="one tiny shape, few repeats: a smoke test")
     p.add_argument("--json", default=None, help="where to write results (default benchmarks/results/...)")
 
@@ -61,6 +67,8 @@ def finish_args(
 ) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible to torch")
+    if args.device == "cuda" and args.clock != "wall":
+        p.error("--clock process measures CPU time; on CUDA the times come from CUDA events")
     args.dtypes = args.dtypes or (["float32"] if args.quick else ["float32", "bfloat16"])
     raw = args.shapes or ([quick_shape] if args.quick else default_shapes)
     try:
@@ -75,7 +83,11 @@ def finish_args(
 
 def config(args) -> H.Config:
     return H.Config(
-        device=args.device, repeats=args.repeats, warmup=args.warmup, min_block_s=args.min_block_ms / 1e3
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        min_block_s=args.min_block_ms / 1e3,
+        clock=args.clock,
     )
 
 
@@ -245,6 +257,6 @@ def header(name: str, args, threads: int, env: dict, ceiling: float) -> str:
         f"{name}: {args.device} ({env['device_name']}), torch {torch.__version__}, threads {threads}, "
         f"torchfast CPU ISA {info.get('cpu_isa_active')}, load average {load if load is not None else '?'}\n"
         f"  {args.repeats} interleaved repeats, warm-up {args.warmup}, samples >= {args.min_block_ms:g} ms; "
-        f"copy_ bandwidth {ceiling:.1f} GB/s (read+write); every variant allocates its outputs\n"
+        f"copy_ bandwidth {ceiling:.1f} GB/s (read+write); every variant allocates its outputs; clock {args.clock}\n"
         f"  TORCHINDUCTOR_COMPILE_THREADS={os.environ.get('TORCHINDUCTOR_COMPILE_THREADS')}"
     )
