@@ -2,5 +2,8 @@
 replace, computed by torchfast's fused ops."""
 
 from torchfast.nn.swish import SiLU, Swish
+from torchfast.nn.layer_norm import LayerNorm
+from torchfast.nn.rms_norm import AddRMSNorm, RMSNorm
 
 __all__ = ["SiLU", "Swish"]
+__all__ += ["AddRMSNorm", "LayerNorm", "RMSNorm"]

@@ -9,5 +9,8 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 from torchfast.ops.swish import swish  # noqa: E402
+from torchfast.ops.layer_norm import layer_norm  # noqa: E402
+from torchfast.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 
 __all__ = ["swish"]
+__all__ += ["add_rms_norm", "layer_norm", "rms_norm"]
