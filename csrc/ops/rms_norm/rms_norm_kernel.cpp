@@ -14,6 +14,7 @@
 // for bf16/fp16 activations, fp32 (AMP master weights), used as it is.
 #include <torchfast/rowwise.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -95,26 +96,17 @@ void row_scale(const T* x, const W* w, acc_t<T> r, T* y, int64_t n) {
   }
 }
 
-// Backward of one row. Pass 1: dot = sum(g * w * x), and partial_dw += g * x * r. Pass 2: dx.
+// sum(g * w * x) over one row (w may be null).
 template <typename T, typename W>
-void row_backward(const T* g, const T* x, const W* w, acc_t<T> r, const T* gsum, T* dx,
-                  acc_t<T>* partial_dw, int64_t n) {
-  using A = acc_t<T>;
+acc_t<T> row_dot(const T* g, const T* x, const W* w, int64_t n) {
   using L = Lanes<T>;
-  using LA = Lanes<A>;
   using V = typename L::V;
-  const V rv(r);
   V d0(0), d1(0);
   int64_t j = 0;
   for (; j + L::K <= n; j += L::K) {
     V ga, gb, xa, xb;
     L::load(g + j, ga, gb);
     L::load(x + j, xa, xb);
-    if (partial_dw != nullptr) {
-      V pa, pb;
-      LA::load(partial_dw + j, pa, pb);
-      LA::store(partial_dw + j, at::vec::fmadd(ga * xa, rv, pa), at::vec::fmadd(gb * xb, rv, pb));
-    }
     if (w != nullptr) {
       V wa, wb;
       load_weight<T>(w + j, wa, wb);
@@ -124,41 +116,71 @@ void row_backward(const T* g, const T* x, const W* w, acc_t<T> r, const T* gsum,
     d0 = at::vec::fmadd(ga, xa, d0);
     d1 = at::vec::fmadd(gb, xb, d1);
   }
-  A dot = hsum(d0 + d1);
+  acc_t<T> dot = hsum(d0 + d1);
   for (; j < n; ++j) {
-    const A gj = to_acc(g[j]), xj = to_acc(x[j]);
-    if (partial_dw != nullptr) partial_dw[j] += gj * xj * r;
-    dot += (w != nullptr ? gj * static_cast<A>(w[j]) : gj) * xj;
+    const acc_t<T> gj = to_acc(g[j]);
+    dot += (w != nullptr ? gj * static_cast<acc_t<T>>(w[j]) : gj) * to_acc(x[j]);
   }
+  return dot;
+}
 
-  const A coef = r * r * r * dot / static_cast<A>(n);
-  const V cv(coef);
-  j = 0;
+// Rows processed together by the backward: their weight-gradient contributions are added to the
+// partial sums in one sweep, so each partial (and weight) vector is loaded and stored once per kBlock
+// rows instead of once per row. kBlock rows of g and x (4 x 2 x 32 KB for 8192 fp32) stay in L2
+// between the two passes.
+constexpr int64_t kBlock = 4;
+
+// Backward of `count` <= kBlock consecutive rows. Pass 1 (per row): dot = sum(g * w * x).
+// Pass 2 (all rows at once): dx = r * g * w - (r^3 * dot / n) * x (+ gsum); partial_dw += g * x * r.
+template <typename T, typename W>
+void rows_backward(const T* g, const T* x, const W* w, const acc_t<T>* rstd, const T* gsum, T* dx,
+                   acc_t<T>* partial_dw, int64_t count, int64_t n) {
+  using A = acc_t<T>;
+  using L = Lanes<T>;
+  using LA = Lanes<A>;
+  using V = typename L::V;
+  A r[kBlock], coef[kBlock];
+  for (int64_t b = 0; b < count; ++b) {
+    r[b] = rstd[b];
+    coef[b] = r[b] * r[b] * r[b] * row_dot(g + b * n, x + b * n, w, n) / static_cast<A>(n);
+  }
+  int64_t j = 0;
   for (; j + L::K <= n; j += L::K) {
-    V ga, gb, xa, xb;
-    L::load(g + j, ga, gb);
-    L::load(x + j, xa, xb);
-    if (w != nullptr) {
-      V wa, wb;
-      load_weight<T>(w + j, wa, wb);
-      ga = ga * wa;
-      gb = gb * wb;
+    V wa(1), wb(1), pa(0), pb(0);
+    if (w != nullptr) load_weight<T>(w + j, wa, wb);
+    if (partial_dw != nullptr) LA::load(partial_dw + j, pa, pb);
+    for (int64_t b = 0; b < count; ++b) {
+      const int64_t o = b * n + j;
+      V ga, gb, xa, xb;
+      L::load(g + o, ga, gb);
+      L::load(x + o, xa, xb);
+      const V rv(r[b]), cv(coef[b]);
+      if (partial_dw != nullptr) {
+        pa = at::vec::fmadd(ga * xa, rv, pa);
+        pb = at::vec::fmadd(gb * xb, rv, pb);
+      }
+      V da = rv * (ga * wa) - cv * xa;
+      V db = rv * (gb * wb) - cv * xb;
+      if (gsum != nullptr) {
+        V sa, sb;
+        L::load(gsum + o, sa, sb);
+        da = da + sa;
+        db = db + sb;
+      }
+      L::store(dx + o, da, db);
     }
-    V a = rv * ga - cv * xa;
-    V b = rv * gb - cv * xb;
-    if (gsum != nullptr) {
-      V sa, sb;
-      L::load(gsum + j, sa, sb);
-      a = a + sa;
-      b = b + sb;
-    }
-    L::store(dx + j, a, b);
+    if (partial_dw != nullptr) LA::store(partial_dw + j, pa, pb);
   }
   for (; j < n; ++j) {
-    const A gw = to_acc(g[j]) * (w != nullptr ? static_cast<A>(w[j]) : A(1));
-    A v = r * gw - coef * to_acc(x[j]);
-    if (gsum != nullptr) v += to_acc(gsum[j]);
-    dx[j] = static_cast<T>(v);
+    const A wj = w != nullptr ? static_cast<A>(w[j]) : A(1);
+    for (int64_t b = 0; b < count; ++b) {
+      const int64_t o = b * n + j;
+      const A gj = to_acc(g[o]), xj = to_acc(x[o]);
+      if (partial_dw != nullptr) partial_dw[j] += gj * xj * r[b];
+      A v = r[b] * gj * wj - coef[b] * xj;
+      if (gsum != nullptr) v += to_acc(gsum[o]);
+      dx[o] = static_cast<T>(v);
+    }
   }
 }
 
@@ -216,9 +238,10 @@ void rms_norm_bwd(c10::ScalarType x_dtype, c10::ScalarType w_dtype, const void* 
     at::parallel_for(0, chunks.count, 1, [&](int64_t cbegin, int64_t cend) {
       for (int64_t c = cbegin; c < cend; ++c) {
         A* acc = dw != nullptr ? partial.data() + c * n : nullptr;
-        for (int64_t i = chunks.begin(c); i < chunks.end(c); ++i) {
-          row_backward(gp + i * n, xp + i * n, wp, rs[i], sp != nullptr ? sp + i * n : nullptr, dxp + i * n,
-                       acc, n);
+        for (int64_t i = chunks.begin(c); i < chunks.end(c); i += kBlock) {
+          const int64_t count = std::min(kBlock, chunks.end(c) - i);
+          rows_backward(gp + i * n, xp + i * n, wp, rs + i, sp != nullptr ? sp + i * n : nullptr, dxp + i * n,
+                        acc, count, n);
         }
       }
     });
