@@ -21,6 +21,12 @@ class Swish(nn.Module):
         self.inplace = inplace
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the Python dispatch in torchfast.swish (registry walk, impl=
+            # and use_impl choice), so a scripted module calls the dispatcher op that dispatch runs by
+            # default: the same fused kernel, known to TorchScript through its schema. The scripting
+            # compiler only compiles this branch; eager, trace, compile and export take the one below.
+            return torch.ops.torchfast.swish(input)
         return swish(input)
 
     def extra_repr(self) -> str:

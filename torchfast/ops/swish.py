@@ -152,3 +152,30 @@ def swish(x: torch.Tensor, *, impl: str | None = None) -> torch.Tensor:
 
 
 SPEC.function = swish
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+# Standard-domain ONNX only, so any runtime runs the exported graph without torchfast. Keys are the
+# first opset each function may be used for (the rule is in torchfast/export/_tables.py).
+from torchfast.export._tables import onnx_opset  # noqa: E402
+
+
+def _swish_onnx_sigmoid_mul(x):
+    """Translation for torch.onnx.export(dynamo=True) below opset 24: x * Sigmoid(x)."""
+    op = onnx_opset(18)
+    return op.Mul(x, op.Sigmoid(x))
+
+
+def _swish_onnx_swish(x):
+    """Translation from opset 24, which defines Swish(x) = x * sigmoid(alpha * x); alpha=1 is swish."""
+    return onnx_opset(24).Swish(x, alpha=1.0)
+
+
+def _swish_symbolic(g, x):
+    """Symbolic for torch.onnx.export(dynamo=False); that exporter stops at opset 20, before Swish."""
+    return g.op("Mul", x, g.op("Sigmoid", x))
+
+
+SPEC.onnx_translations["swish"] = {18: _swish_onnx_sigmoid_mul, 24: _swish_onnx_swish}
+SPEC.onnx_symbolics["swish"] = {9: _swish_symbolic}
+# --- end ONNX ---------------------------------------------------------------------------------------
