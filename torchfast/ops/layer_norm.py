@@ -181,3 +181,24 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
 
 
 SPEC.function = layer_norm
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+# Standard-domain ONNX only: LayerNormalization (opset 17; the dynamo exporter starts at 18),
+# elementary ops below 17 for the TorchScript exporter and for float64.
+from torchfast.export._tables import onnx_opset  # noqa: E402
+
+
+def _layer_norm_onnx_18(x, weight, bias, eps):
+    return _norm.onnx_layer_norm_17(onnx_opset(18), x, weight, bias, eps)
+
+
+def _layer_norm_symbolic(g, x, weight, bias, eps):
+    from torch.onnx import symbolic_helper
+
+    return _norm.ts_layer_norm(g, x, weight, bias, symbolic_helper._maybe_get_const(eps, "f"))
+
+
+SPEC.onnx_translations["layer_norm"] = {18: _layer_norm_onnx_18}
+SPEC.onnx_symbolics["layer_norm"] = {9: _layer_norm_symbolic}
+# --- end ONNX ---------------------------------------------------------------------------------------

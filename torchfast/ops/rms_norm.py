@@ -319,3 +319,51 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor |
 
 SPEC.function = rms_norm
 ADD_SPEC.function = add_rms_norm
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+# Standard-domain ONNX only (see torchfast/export/_tables.py for the opset keys): RMSNormalization from
+# opset 23, ReduceMean/Sqrt/Reciprocal/Mul below; add_rms_norm is an Add in front of the same.
+from torchfast.export._tables import onnx_opset  # noqa: E402
+
+
+def _rms_norm_onnx_18(x, weight, eps):
+    return _norm.onnx_rms_norm_decomposed(onnx_opset(18), x, weight, eps)
+
+
+def _rms_norm_onnx_23(x, weight, eps):
+    return _norm.onnx_rms_norm_23(onnx_opset(23), x, weight, eps)
+
+
+def _add_rms_norm_onnx(version, norm):
+    def translation(x, residual, weight, eps):
+        op = onnx_opset(version)
+        h = op.Add(x, residual)
+        y, rstd = norm(op, h, weight, eps, x.dtype)
+        return y, h, rstd
+
+    return translation
+
+
+def _rms_norm_symbolic(g, x, weight, eps):
+    from torch.onnx import symbolic_helper
+
+    return _norm.ts_rms_norm(g, x, weight, symbolic_helper._maybe_get_const(eps, "f"))
+
+
+def _add_rms_norm_symbolic(g, x, residual, weight, eps):
+    from torch.onnx import symbolic_helper
+
+    h = g.op("Add", x, residual)
+    y, rstd = _norm.ts_rms_norm(g, h, weight, symbolic_helper._maybe_get_const(eps, "f"))
+    return y, h, rstd
+
+
+SPEC.onnx_translations["rms_norm"] = {18: _rms_norm_onnx_18, 23: _rms_norm_onnx_23}
+SPEC.onnx_symbolics["rms_norm"] = {9: _rms_norm_symbolic}
+ADD_SPEC.onnx_translations["add_rms_norm"] = {
+    18: _add_rms_norm_onnx(18, _norm.onnx_rms_norm_decomposed),
+    23: _add_rms_norm_onnx(23, _norm.onnx_rms_norm_23),
+}
+ADD_SPEC.onnx_symbolics["add_rms_norm"] = {9: _add_rms_norm_symbolic}
+# --- end ONNX ---------------------------------------------------------------------------------------
