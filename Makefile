@@ -34,7 +34,7 @@ test: test-py cuda-check
 cuda-check:
 	bash scripts/check_cuda_build.sh
 
-gpu-check: $(VENV)/.built
+gpu-check:
 	bash scripts/gpu_check.sh
 
 bench: $(VENV)/.built

@@ -12,10 +12,33 @@ Build against the installed torch: pip install --no-build-isolation -e .
 import glob
 import os
 import platform
+import shutil
+import subprocess
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension as ce
+
+
+def _toolkit_of_nvcc():
+    """The CUDA toolkit folder of the `nvcc` on PATH, where torch would guess it wrong, else None.
+
+    Without CUDA_HOME, torch takes the folder above nvcc's bin/, which is wrong when nvcc on PATH is a
+    wrapper script (/usr/local/bin/nvcc gives /usr/local: no CUDA headers, no libcudart to link).
+    nvcc itself names its toolkit (TOP) in a dry run."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+    if os.path.isfile(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cuda_runtime_api.h")):
+        return None
+    dry = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True)
+    tops = [ln[len("#$ TOP="):] for ln in (dry.stdout + dry.stderr).splitlines() if ln.startswith("#$ TOP=")]
+    return os.path.realpath(tops[0]) if tops else None
+
+
+# Must be settled before cpp_extension is imported: it reads CUDA_HOME once, at import.
+if torch.version.cuda and os.environ.get("TORCHFAST_CUDA") != "0" and (home := _toolkit_of_nvcc()):
+    os.environ["CUDA_HOME"] = home
+from torch.utils import cpp_extension as ce  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -35,30 +58,35 @@ def _rel(pattern):
 def _want_cuda():
     """Decide from the torch build and the toolkit, never from a visible GPU (build hosts have none)."""
     flag = os.environ.get("TORCHFAST_CUDA", "").strip()
-    reasons = []
-    if torch.version.cuda is None:
-        reasons.append(f"torch {torch.__version__} is a CPU-only build")
-    if ce.CUDA_HOME is None:
-        reasons.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    if flag not in ("", "0", "1"):
+        raise RuntimeError(f"TORCHFAST_CUDA={flag!r}: use 1 (force the CUDA kernels), 0 (no CUDA) or unset")
     if flag == "0":
         return False
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)")
+    if ce.CUDA_HOME is None:
+        reasons.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    elif not os.path.isfile(os.path.join(ce.CUDA_HOME, "bin", "nvcc")):
+        reasons.append(f"the CUDA toolkit folder {ce.CUDA_HOME} has no bin/nvcc (set CUDA_HOME)")
     if flag == "1" and reasons:
         raise RuntimeError("TORCHFAST_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons))
     return not reasons
 
 
 def _nvidia_include_dirs():
-    """Header folders of the NVIDIA pip packages torch depends on (cusparse.h, cublas_v2.h, ...).
+    """Header folders of the NVIDIA pip packages the CUDA torch depends on (cusparse.h, cublas_v2.h, ...).
 
-    torch's CUDA headers include them, and a bare toolkit install may lack them."""
+    ATen's CUDA headers include them, and a bare toolkit install lacks them. They sit beside torch in
+    its site-packages (nvidia/cu13/include for CUDA 13, nvidia/<library>/include before that)."""
     import site
 
-    roots = site.getsitepackages() + [site.getusersitepackages()]
+    roots = [os.path.dirname(os.path.dirname(torch.__file__))] + site.getsitepackages()
     found = []
     for root in roots:
-        found += glob.glob(os.path.join(root, "nvidia", "cu*", "include"))
-        found += glob.glob(os.path.join(root, "nvidia", "*", "include"))
-    return sorted(set(d for d in found if os.path.isdir(d)))
+        for pattern in ("cu*", "*"):  # cu13/ (CUDA 13's bundle of the toolkit libraries) first
+            found += sorted(glob.glob(os.path.join(root, "nvidia", pattern, "include")))
+    return list(dict.fromkeys(d for d in found if os.path.isdir(d)))
 
 
 class BuildExtension(ce.BuildExtension):
@@ -81,7 +109,8 @@ class BuildExtension(ce.BuildExtension):
 def extension():
     with_cuda = _want_cuda()
     defines = [f"-DTORCHFAST_HAVE_{isa}" for isa in ISAS if isa != "DEFAULT"]
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-Wno-unused-parameter"] + defines
+    # No -std: cpp_extension adds the standard torch's headers need (C++20 for torch 2.14).
+    cxx = ["-O3", "-fopenmp", "-Wno-unused-parameter"] + defines
     sources = _rel("csrc/*.cpp") + _rel("csrc/ops/*/*_cpu.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     kwargs = dict(extra_link_args=["-fopenmp"])
@@ -90,14 +119,12 @@ def extension():
                                extra_compile_args={"cxx": cxx}, **kwargs)
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     cuda_defines = ["-DTORCHFAST_WITH_CUDA", f'-DTORCHFAST_CUDA_ARCHS="{archs}"']
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + defines + cuda_defines
-    return ce.CUDAExtension(
-        "torchfast._C",
-        sources + _rel("csrc/ops/*/*_cuda.cu"),
-        include_dirs=include_dirs + _nvidia_include_dirs(),
-        extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc},
-        **kwargs,
-    )
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines + cuda_defines
+    ext = ce.CUDAExtension("torchfast._C", sources + _rel("csrc/ops/*/*_cuda.cu"), include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx + cuda_defines, "nvcc": nvcc}, **kwargs)
+    # Searched after the toolkit's own include folder, so they only fill in what the toolkit lacks.
+    ext.include_dirs += _nvidia_include_dirs()
+    return ext
 
 
 setup(

@@ -43,6 +43,23 @@ inline void check_strided(const at::Tensor& t, const char* op, const char* arg) 
               t.layout(), "; only dense (strided) tensors are supported");
 }
 
+// The checks of an elementwise op's forward (`x`) and of its backward (`grad_out`, `x`), shared by
+// the CPU and CUDA kernels so both backends refuse the same inputs with the same words.
+inline void check_elementwise_forward(const at::Tensor& x, const char* op) {
+  check_strided(x, op, "x");
+  check_float(x, op, "x");
+}
+
+inline void check_elementwise_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                       const char* op) {
+  check_strided(grad_out, op, "grad_out");
+  check_strided(x, op, "x");
+  check_float(x, op, "x");
+  check_same_device(grad_out, x, op, "grad_out", "x");
+  check_same_dtype(grad_out, x, op, "grad_out", "x");
+  check_same_shape(grad_out, x, op, "grad_out", "x");
+}
+
 // Elementwise kernels walk memory linearly, in the storage order of their output. The output is
 // at::empty_like(x): a non-overlapping dense x (contiguous, channels-last, transposed...) keeps its
 // strides, anything else gets the dense layout x.suggest_memory_format() names. That is exactly the

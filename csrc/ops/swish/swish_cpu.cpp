@@ -13,8 +13,7 @@ TORCHFAST_DECLARE_CPU_KERNEL(void, swish_bwd, c10::ScalarType, const void*, cons
 namespace torchfast {
 
 at::Tensor swish_cpu(const at::Tensor& x) {
-  check_strided(x, "swish", "x");
-  check_float(x, "swish", "x");
+  check_elementwise_forward(x, "swish");
   at::Tensor y = at::empty_like(x);  // keeps a dense input's layout: channels-last stays so
   if (y.numel() > 0) {
     at::Tensor xd = laid_out_like(x, y);
@@ -25,12 +24,7 @@ at::Tensor swish_cpu(const at::Tensor& x) {
 }
 
 at::Tensor swish_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x) {
-  check_strided(grad_out, "swish_backward", "grad_out");
-  check_strided(x, "swish_backward", "x");
-  check_float(x, "swish_backward", "x");
-  check_same_device(grad_out, x, "swish_backward", "grad_out", "x");
-  check_same_dtype(grad_out, x, "swish_backward", "grad_out", "x");
-  check_same_shape(grad_out, x, "swish_backward", "grad_out", "x");
+  check_elementwise_backward(grad_out, x, "swish_backward");
   at::Tensor grad_in = at::empty_like(x);
   if (grad_in.numel() > 0) {
     // A stride-0 grad_out (from .sum().backward()) or one of another layout is copied once.

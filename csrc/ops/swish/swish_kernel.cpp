@@ -14,7 +14,7 @@ void swish_fwd(c10::ScalarType dtype, const void* x, void* y, int64_t n) {
     using T = decltype(tag);
     using V = compute_vec_t<T>;
     parallel_map<T>(
-        [](V v) { return v / (V(1) + exp_neg(v)); }, static_cast<T*>(y),
+        [](V v) { return v / (V(1) + exp_neg<T>(v)); }, static_cast<T*>(y),
         static_cast<const T*>(x), n);
   });
 }
@@ -27,7 +27,7 @@ void swish_bwd(c10::ScalarType dtype, const void* grad_out, const void* x, void*
     parallel_map2<T>(
         [](V g, V v) {
           const V one(1);
-          V s = one / (one + exp_neg(v));
+          V s = one / (one + exp_neg<T>(v));
           return g * s * (one + v * (one - s));
         },
         static_cast<T*>(grad_in), static_cast<const T*>(grad_out), static_cast<const T*>(x), n);
