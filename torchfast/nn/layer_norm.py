@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchfast.nn.rms_norm import _as_shape, flat, flatten_rows
+from torchfast.nn.rms_norm import _as_shape, _script_flat, _script_rows, flat, flatten_rows
 from torchfast.ops.layer_norm import layer_norm
 
 
@@ -43,6 +43,10 @@ class LayerNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # see torchfast.nn.RMSNorm.forward
+            y, _, _ = torch.ops.torchfast.layer_norm(_script_rows(x, len(self.normalized_shape)),
+                                                     _script_flat(self.weight), _script_flat(self.bias), self.eps)
+            return y.view(x.shape)
         return layer_norm(flatten_rows(self, x), flat(self.weight), flat(self.bias), eps=self.eps).view(x.shape)
 
     def extra_repr(self) -> str:

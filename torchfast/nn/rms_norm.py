@@ -4,6 +4,7 @@ rms_norm / add_rms_norm ops."""
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 from torch import nn
@@ -37,6 +38,22 @@ def flat(p: torch.Tensor | None) -> torch.Tensor | None:
     return None if p is None else p.reshape(-1)
 
 
+# TorchScript versions of the helpers above (the scripted branch of forward; the ops check shapes).
+
+def _script_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x if k == 1 else x.flatten(-k)
+
+
+def _script_flat(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if p is None else p.reshape(-1)
+
+
+def _script_eps(eps: Optional[float], x: torch.Tensor) -> float:
+    if eps is None:  # machine epsilon of the math type, as torch.nn.RMSNorm
+        return 2.220446049250313e-16 if x.dtype == torch.float64 else 1.1920928955078125e-07
+    return eps
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight over the trailing `normalized_shape` dimensions.
 
@@ -64,6 +81,13 @@ class RMSNorm(nn.Module):
             nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript cannot compile the Python dispatch of torchfast.rms_norm (registry, impl=), so
+            # a scripted module calls the dispatcher op that dispatch runs by default; the scripting
+            # compiler compiles only this branch, everything else takes the one below.
+            y, _ = torch.ops.torchfast.rms_norm(_script_rows(x, len(self.normalized_shape)),
+                                                _script_flat(self.weight), _script_eps(self.eps, x))
+            return y.view(x.shape)
         return rms_norm(flatten_rows(self, x), flat(self.weight), eps=self.eps).view(x.shape)
 
     def extra_repr(self) -> str:
@@ -76,5 +100,10 @@ class AddRMSNorm(RMSNorm):
     RMSNorm's weights load into it unchanged."""
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.jit.is_scripting():  # see RMSNorm.forward
+            k = len(self.normalized_shape)
+            y, h, _ = torch.ops.torchfast.add_rms_norm(_script_rows(x, k), _script_rows(residual, k),
+                                                       _script_flat(self.weight), _script_eps(self.eps, x))
+            return y.view(x.shape), h.view(x.shape)
         y, h = add_rms_norm(flatten_rows(self, x), flatten_rows(self, residual), flat(self.weight), eps=self.eps)
         return y.view(x.shape), h.view(x.shape)
