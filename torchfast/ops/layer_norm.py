@@ -140,6 +140,18 @@ def _sample_inputs(device, dtype):
     return samples
 
 
+def _triton_layer_norm(x, weight=None, bias=None, *, eps=1e-5):
+    from torchfast.triton.layer_norm import layer_norm as triton_layer_norm  # imports Triton: only when chosen
+
+    return triton_layer_norm(x, weight, bias, eps=eps)
+
+
+def _triton_unavailable(device_type: str, explicit: bool) -> str | None:
+    from torchfast.triton import unavailable_reason
+
+    return unavailable_reason(device_type)
+
+
 def _native_layer_norm(x, weight=None, bias=None, *, eps=1e-5):
     return torch.ops.torchfast.layer_norm(x, weight, bias, eps)[0]
 
@@ -153,6 +165,7 @@ SPEC = register(
         impls=[
             Impl("native", _native_layer_norm, ("cpu", "cuda", "meta"),
                  unavailable=_library.native_unavailable("torchfast::layer_norm")),
+            Impl("triton", _triton_layer_norm, ("cuda", "cpu"), unavailable=_triton_unavailable),
             Impl("reference", layer_norm_reference, ("cpu", "cuda", "meta", "mps", "xpu", "xla"), auto=False),
         ],
         sample_inputs=_sample_inputs,
@@ -169,7 +182,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
         weight, bias: optional 1-D tensors of x.shape[-1] elements, x's dtype or float32 (for bf16/fp16
             x); when both are given they share one dtype.
         eps: added to the (biased) variance, >= 0.
-        impl: "auto" (default), "native" or "reference"; overrides `torchfast.use_impl(...)`.
+        impl: "auto" (default: the compiled kernel, else Triton), "native", "triton" or "reference";
+            overrides `torchfast.use_impl(...)`.
 
     Returns y with x's shape and dtype, contiguous; matches torch.nn.functional.layer_norm over the last
     dimension. Differentiable in x, weight and bias; backward saves x and two fp32 values per row.

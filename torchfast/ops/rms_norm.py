@@ -246,6 +246,24 @@ def _native_add_rms_norm(x, residual, weight=None, *, eps=1e-6):
 
 _REF_DEVICES = ("cpu", "cuda", "meta", "mps", "xpu", "xla")
 
+
+def _triton_rms_norm(x, weight=None, *, eps=1e-6):
+    from torchfast.triton.rms_norm import rms_norm as triton_rms_norm  # imports Triton: only when chosen
+
+    return triton_rms_norm(x, weight, eps=eps)
+
+
+def _triton_add_rms_norm(x, residual, weight=None, *, eps=1e-6):
+    from torchfast.triton.rms_norm import add_rms_norm as triton_add_rms_norm
+
+    return triton_add_rms_norm(x, residual, weight, eps=eps)
+
+
+def _triton_unavailable(device_type: str, explicit: bool) -> str | None:
+    from torchfast.triton import unavailable_reason
+
+    return unavailable_reason(device_type)
+
 SPEC = register(
     OpSpec(
         name="rms_norm",
@@ -255,6 +273,7 @@ SPEC = register(
         impls=[
             Impl("native", _native_rms_norm, ("cpu", "cuda", "meta"),
                  unavailable=_library.native_unavailable("torchfast::rms_norm")),
+            Impl("triton", _triton_rms_norm, ("cuda", "cpu"), unavailable=_triton_unavailable),
             Impl("reference", rms_norm_reference, _REF_DEVICES, auto=False),
         ],
         sample_inputs=_sample_inputs,
@@ -270,6 +289,7 @@ ADD_SPEC = register(
         impls=[
             Impl("native", _native_add_rms_norm, ("cpu", "cuda", "meta"),
                  unavailable=_library.native_unavailable("torchfast::add_rms_norm")),
+            Impl("triton", _triton_add_rms_norm, ("cuda", "cpu"), unavailable=_triton_unavailable),
             Impl("reference", add_rms_norm_reference, _REF_DEVICES, auto=False),
         ],
         sample_inputs=_add_sample_inputs,
@@ -286,7 +306,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float 
             layout (rows are made contiguous); on CPU or CUDA.
         weight: optional 1-D tensor of x.shape[-1] elements, x's dtype or float32 (for bf16/fp16 x).
         eps: added to the mean square; None means torch.finfo of the math type (as torch.nn.RMSNorm).
-        impl: "auto" (default), "native" or "reference"; overrides `torchfast.use_impl(...)`.
+        impl: "auto" (default: the compiled kernel, else Triton), "native", "triton" or "reference";
+            overrides `torchfast.use_impl(...)`.
 
     Returns y with x's shape and dtype, contiguous. Statistics in fp32 (fp64 for float64).
     Differentiable in x and weight; backward saves x and one fp32 value per row.
