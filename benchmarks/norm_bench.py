@@ -18,8 +18,9 @@ from typing import Callable
 
 import torch
 
-import harness as H
-from torchfast.testing import assert_close
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py, however this file was loaded
+import harness as H  # noqa: E402
+from torchfast.testing import assert_close  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
