@@ -1,6 +1,6 @@
 """Builds torchfast._C: CPU kernels (several ISA variants) and, when possible, CUDA kernels.
 
-Sources are found by glob: csrc/*.cpp and csrc/ops/*/*_cpu.cpp always, csrc/ops/*/*_kernel.cpp once
+Sources are found by glob: csrc/*.cpp, csrc/ops/*/*_cpu.cpp and csrc/ops/*/*_autograd.cpp always, csrc/ops/*/*_kernel.cpp once
 per CPU ISA (x86-64: DEFAULT, AVX2, AVX512; picked at run time like ATen's kernels), and
 csrc/ops/*/*_cuda.cu for CUDA. Knobs (environment):
   TORCHFAST_CUDA=1|0     force / disable the CUDA kernels (default: when torch has CUDA and nvcc exists)
@@ -111,7 +111,7 @@ def extension():
     defines = [f"-DTORCHFAST_HAVE_{isa}" for isa in ISAS if isa != "DEFAULT"]
     # No -std: cpp_extension adds the standard torch's headers need (C++20 for torch 2.14).
     cxx = ["-O3", "-fopenmp", "-Wno-unused-parameter"] + defines
-    sources = _rel("csrc/*.cpp") + _rel("csrc/ops/*/*_cpu.cpp")
+    sources = _rel("csrc/*.cpp") + _rel("csrc/ops/*/*_cpu.cpp") + _rel("csrc/ops/*/*_autograd.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     kwargs = dict(extra_link_args=["-fopenmp"])
     if not with_cuda:

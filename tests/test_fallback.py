@@ -24,6 +24,7 @@ SCRIPT = textwrap.dedent(
     y = torchfast.swish(x)
     assert torch.allclose(y, x * torch.sigmoid(x))
     assert torch.autograd.gradcheck(torchfast.swish, (x,))
+    assert torch.autograd.gradgradcheck(torchfast.swish, (x,))
     xb = torch.randn(7, dtype=torch.bfloat16)
     assert torchfast.nn.Swish()(xb).dtype == torch.bfloat16
     torch.library.opcheck(torch.ops.torchfast.swish.default, (torch.randn(4, 4, requires_grad=True),))

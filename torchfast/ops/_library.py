@@ -32,6 +32,14 @@ def define_fallback(schemas: dict[str, str], kernels: dict[str, Callable]) -> No
             lib.impl(name, kernels[name], key)
 
 
+def register_autograd_fallback(qualname: str, backward: Callable, setup_context: Callable) -> None:
+    """Python autograd for an op whose C++ autograd (csrc/ops/<op>/<op>_autograd.cpp) is missing
+    because _C is not built. With _C the C++ registration is used: it is the same math at a fraction
+    of the per-call cost."""
+    if not _ext.built():
+        torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
 def register_autocast_same_dtype(qualname: str) -> None:
     """Autocast rule of the elementwise ops: run on the inputs as they are, in their own dtype.
 
