@@ -112,7 +112,8 @@ def _backward_bwd(ctx, grad_dx, grad_dw, grad_db):
     return _norm.vjp_backward(layer_norm_backward_reference, ctx.saved_tensors, (grad_dx, grad_dw, grad_db))
 
 
-torch.library.register_autograd("torchfast::layer_norm", _backward, setup_context=_setup)
+# C++ when _C is built (csrc/ops/layer_norm/layer_norm_autograd.cpp); Python for the _C-less fallback.
+_library.register_autograd_fallback("torchfast::layer_norm", _backward, _setup)
 torch.library.register_autograd("torchfast::layer_norm_backward", _backward_bwd, setup_context=_setup_bwd)
 
 

@@ -157,7 +157,10 @@ def _backward_bwd(ctx, grad_dx, grad_dw):
     return _norm.vjp_backward(rms_norm_backward_reference, ctx.saved_tensors, (grad_dx, grad_dw))
 
 
-torch.library.register_autograd("torchfast::rms_norm", _backward, setup_context=_setup)
+# The forward ops' autograd is C++ when _C is built (csrc/ops/rms_norm/rms_norm_autograd.cpp, the same
+# rules without the per-call cost of a Python autograd kernel); these Python rules serve the _C-less
+# fallback. The backward ops' autograd (their double backward) is Python in both cases.
+_library.register_autograd_fallback("torchfast::rms_norm", _backward, _setup)
 torch.library.register_autograd("torchfast::rms_norm_backward", _backward_bwd, setup_context=_setup_bwd)
 
 
@@ -183,7 +186,7 @@ def _backward_add_bwd(ctx, grad_dh, grad_dw):
     return _norm.vjp_backward(add_rms_norm_backward_reference, ctx.saved_tensors, (grad_dh, grad_dw))
 
 
-torch.library.register_autograd("torchfast::add_rms_norm", _backward_add, setup_context=_setup_add)
+_library.register_autograd_fallback("torchfast::add_rms_norm", _backward_add, _setup_add)
 torch.library.register_autograd("torchfast::add_rms_norm_backward", _backward_add_bwd,
                                 setup_context=_setup_bwd)
 
