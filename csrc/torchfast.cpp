@@ -19,6 +19,14 @@
 TORCH_LIBRARY(torchfast, m) {
   m.def("swish(Tensor x) -> Tensor");
   m.def("swish_backward(Tensor grad_out, Tensor x) -> Tensor");
+  // Normalizations over the last dimension. The forward ops also return the per-row statistics
+  // (fp32; fp64 for double x) that their backward ops take; the public functions return y only.
+  m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor?)");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("add_rms_norm_backward(Tensor grad_out, Tensor? grad_h, Tensor h, Tensor? weight, Tensor rstd) -> (Tensor, Tensor?)");
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, Tensor?, Tensor?)");
   m.def("bias_act(Tensor x, Tensor? bias, *, str act) -> Tensor");
   m.def("bias_act_backward(Tensor grad_out, Tensor x, Tensor? bias, *, str act) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor gate, Tensor up) -> Tensor");

@@ -13,10 +13,14 @@ from torchfast.export._tables import register_onnx_symbolics  # noqa: E402
 from torchfast.ops.bias_act import bias_act  # noqa: E402
 from torchfast.ops.glu import geglu, swiglu  # noqa: E402
 from torchfast.ops.swish import swish  # noqa: E402
+from torchfast.ops.layer_norm import layer_norm  # noqa: E402
+from torchfast.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 
 # Every op module has filled its spec's ONNX section by now; register the legacy exporter's symbolics
 # for all of them in one place (deferred until torch.onnx is imported, see export/_tables.py).
 for _spec in REGISTRY.values():
     register_onnx_symbolics(_spec)
 
-__all__ = ["bias_act", "geglu", "swiglu", "swish"]
+__all__ = ["swish"]
+__all__ += ["add_rms_norm", "layer_norm", "rms_norm"]
+__all__ += ["bias_act", "geglu", "swiglu"]

@@ -124,7 +124,10 @@ def _backward(ctx, grad_out):
     return dx, (db if ctx.has_bias else None)
 
 
-torch.library.register_autograd("torchfast::bias_act", _backward, setup_context=_setup_context)
+# With _C the forward op's autograd is C++ (csrc/ops/bias_act/bias_act_autograd.cpp, the same rule at
+# the dispatcher's cost); this Python rule is for the build without _C. The backward op's autograd (the
+# double backward, below) is Python in both.
+_library.register_autograd_fallback("torchfast::bias_act", _backward, _setup_context)
 
 
 def _setup_context_bwd(ctx, inputs, keyword_only_inputs, output):

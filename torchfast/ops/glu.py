@@ -254,7 +254,10 @@ def _register_autograd(op, packed):
             d_go, d_gate, d_up = _glu_double_backward(_act(op, **ctx.kw), grad_out, gate, up, g_gate, g_up)
             return d_go, torch.cat([d_gate, d_up], dim=-1)
 
-    torch.library.register_autograd(f"torchfast::{op}", backward, setup_context=setup)
+    # With _C the forward ops' autograd is C++ (csrc/ops/glu/glu_autograd.cpp, the same rule at the
+    # dispatcher's cost); the Python rule is for the build without _C. The backward ops' autograd (the
+    # double backward) is Python in both.
+    _library.register_autograd_fallback(f"torchfast::{op}", backward, setup)
     torch.library.register_autograd(f"torchfast::{op}_backward", backward_bwd, setup_context=setup_bwd)
 
 

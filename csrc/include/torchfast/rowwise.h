@@ -1,99 +1,122 @@
-// Building blocks of the row-wise CPU kernels (bias_act, glu): loads and stores that widen
-// bfloat16/float16 to float and round back once, and the split of a rows x cols problem across
-// threads. Included only by `*_kernel.cpp` files (compiled once per ISA), like elementwise.h.
+// Building blocks for the row-wise CPU kernels (normalizations): a row is `n` contiguous elements,
+// rows are split across threads, and each row is walked with vectors of fp32 (fp64 for double).
+// Included only by `*_kernel.cpp` files, which are compiled once per ISA; everything sits in an
+// ISA-specific namespace, like elementwise.h.
 #pragma once
 
-#include <torchfast/elementwise.h>
-#include <torchfast/row_ptr.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
+
+#include <torchfast/elementwise.h>
 
 namespace torchfast::cpu {
 inline namespace CPU_CAPABILITY {
 
-// One step of a kernel over T: kN compute vectors (two float vectors per bf16/fp16 vector, one
-// otherwise), kWidth elements. C is the compute scalar: double for double, float otherwise.
+// What the statistics and the math run in: double for double, float for everything else.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// K elements of T held as two vectors of acc_t<T>. For bf16/fp16 that is exactly one
+// Vectorized<T> (one load, one widening); for float/double it is two loads, which unrolls the row
+// loops by two so that the two accumulators hide the latency of the FMAs.
 template <typename T>
 struct Lanes {
-  using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  using V = Vectorized<C>;
-  static constexpr int kN = at::vec::is_reduced_floating_point_v<T> ? 2 : 1;
-  static constexpr int64_t kWidth = kN * V::size();
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static constexpr bool kReduced = !std::is_same_v<T, A>;
+  static constexpr int64_t K = 2 * V::size();
+  static_assert(!kReduced || Vectorized<T>::size() == K, "a reduced vector must widen to two");
 
-  // The `count` (<= kWidth) elements at p, widened; lanes past count are zero.
-  static void load(const T* p, int64_t count, V (&v)[kN]) {
-    if constexpr (kN == 2) {
-      using R = Vectorized<T>;
-      R raw = count == kWidth ? R::loadu(p) : R::loadu(p, count);
-      std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(raw);
+  static inline void load(const T* p, V& a, V& b) {
+    if constexpr (kReduced) {
+      std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
     } else {
-      v[0] = count == kWidth ? V::loadu(p) : V::loadu(p, count);
+      a = V::loadu(p);
+      b = V::loadu(p + V::size());
     }
   }
 
-  static void store(T* p, int64_t count, const V (&v)[kN]) {
-    if constexpr (kN == 2) {
-      Vectorized<T> raw = at::vec::convert_from_float<T>(v[0], v[1]);
-      count == kWidth ? raw.store(p) : raw.store(p, count);
+  static inline void store(T* p, const V& a, const V& b) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<T>(a, b).store(p);
     } else {
-      count == kWidth ? v[0].store(p) : v[0].store(p, count);
-    }
-  }
-
-  // Loads and stores of compute-typed buffers (bias, gradient accumulators).
-  static void load_c(const C* p, int64_t count, V (&v)[kN]) {
-    for (int k = 0; k < kN; ++k) {
-      const int64_t n = std::clamp<int64_t>(count - k * V::size(), 0, V::size());
-      v[k] = n == V::size() ? V::loadu(p + k * V::size()) : (n > 0 ? V::loadu(p + k * V::size(), n) : V(0));
-    }
-  }
-
-  static void store_c(C* p, int64_t count, const V (&v)[kN]) {
-    for (int k = 0; k < kN; ++k) {
-      const int64_t n = std::clamp<int64_t>(count - k * V::size(), 0, V::size());
-      if (n == V::size()) {
-        v[k].store(p + k * V::size());
-      } else if (n > 0) {
-        v[k].store(p + k * V::size(), n);
-      }
+      a.store(p);
+      b.store(p + V::size());
     }
   }
 };
 
-// fn(offset, count) over [0, len) in steps of kWidth, the last step possibly partial.
-template <typename L, typename Fn>
-inline void for_steps(int64_t len, const Fn& fn) {
-  int64_t i = 0;
-  for (; i + L::kWidth <= len; i += L::kWidth) fn(i, L::kWidth);
-  if (i < len) fn(i, len - i);
+// Loads K weights as the vectors of the activation type T. The weight W is T or (for bf16/fp16
+// activations, the mixed-precision case) float; either way it arrives as acc_t<T> lanes.
+template <typename T, typename W>
+inline void load_weight(const W* w, typename Lanes<T>::V& a, typename Lanes<T>::V& b) {
+  static_assert(std::is_same_v<acc_t<W>, acc_t<T>>, "weight and activation must share the math type");
+  Lanes<W>::load(w, a, b);
 }
 
-// Splits rows x cols elements into chunks of about kGrain for at::parallel_for, and calls
-// seg(row, col, len) for each run of one row inside a chunk.
-template <typename Fn>
-void parallel_rows(int64_t rows, int64_t cols, const Fn& seg) {
-  if (rows <= 0 || cols <= 0) return;
-  at::parallel_for(0, rows * cols, kGrain, [&](int64_t begin, int64_t end) {
-    int64_t r = begin / cols, c = begin % cols;
-    while (begin < end) {
-      const int64_t len = std::min(cols - c, end - begin);
-      seg(r, c, len);
-      begin += len;
-      ++r;
-      c = 0;
+// Sum of the lanes, in lane order (deterministic for a given ISA).
+template <typename A>
+inline A hsum(const Vectorized<A>& v) {
+  alignas(64) A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A s = 0;
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += buf[i];
+  return s;
+}
+
+template <typename T>
+inline acc_t<T> to_acc(T v) {
+  return static_cast<acc_t<T>>(v);
+}
+
+// Rows per task for at::parallel_for: about kGrain elements of work per task.
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)); }
+
+// Splits `rows` into at most one chunk per thread (fewer for small inputs), so a reduction over rows
+// (the weight gradient) can keep one partial-sum row per chunk: no atomics, and the result does not
+// depend on which thread ran which chunk.
+struct RowChunks {
+  int64_t rows, count, per_chunk;
+  RowChunks(int64_t rows_, int64_t n) : rows(rows_) {
+    const int64_t by_work = std::max<int64_t>(1, (rows_ * n + kGrain - 1) / kGrain);
+    count = std::max<int64_t>(1, std::min<int64_t>({rows_, by_work, at::get_num_threads()}));
+    per_chunk = std::max<int64_t>(1, (rows_ + count - 1) / count);
+    count = (rows_ + per_chunk - 1) / per_chunk;  // no empty trailing chunk; 0 when there are no rows
+  }
+  int64_t begin(int64_t c) const { return c * per_chunk; }
+  int64_t end(int64_t c) const { return std::min(rows, (c + 1) * per_chunk); }
+};
+
+// out[j] = sum over chunks c of partial[c * n + j], rounded once to O; split across threads by column.
+template <typename A, typename O>
+void sum_partials(const std::vector<A>& partial, int64_t chunks, int64_t n, O* out) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      A s = 0;
+      for (int64_t c = 0; c < chunks; ++c) s += partial[c * n + j];
+      out[j] = static_cast<O>(s);
     }
   });
 }
 
-template <typename T>
-inline const T* row(const RowPtr& p, int64_t r) {
-  return static_cast<const T*>(p.ptr) + r * p.row_stride;
-}
-
-template <typename T>
-inline T* row(const RowPtrMut& p, int64_t r) {
-  return static_cast<T*>(p.ptr) + r * p.row_stride;
+// Calls fn(T{}, W{}) for the supported (activation, weight) dtype pairs: W == T, or W == float for
+// bf16/fp16 activations (fp32 master weights under AMP).
+template <typename Fn>
+void dispatch_float_weight(c10::ScalarType x_dtype, c10::ScalarType w_dtype, const Fn& fn) {
+  dispatch_float(x_dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+      if (w_dtype == c10::ScalarType::Float) return fn(T{}, float{});
+    }
+    return fn(T{}, T{});
+  });
 }
 
 }  // namespace CPU_CAPABILITY
