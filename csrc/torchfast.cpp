@@ -27,6 +27,16 @@ TORCH_LIBRARY(torchfast, m) {
   m.def("add_rms_norm_backward(Tensor grad_out, Tensor? grad_h, Tensor h, Tensor? weight, Tensor rstd) -> (Tensor, Tensor?)");
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) -> (Tensor, Tensor?, Tensor?)");
+  m.def("bias_act(Tensor x, Tensor? bias, *, str act) -> Tensor");
+  m.def("bias_act_backward(Tensor grad_out, Tensor x, Tensor? bias, *, str act) -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("swiglu_packed(Tensor x) -> Tensor");
+  m.def("swiglu_packed_backward(Tensor grad_out, Tensor x) -> Tensor");
+  m.def("geglu(Tensor gate, Tensor up, *, str approximate=\"none\") -> Tensor");
+  m.def("geglu_backward(Tensor grad_out, Tensor gate, Tensor up, *, str approximate=\"none\") -> (Tensor, Tensor)");
+  m.def("geglu_packed(Tensor x, *, str approximate=\"none\") -> Tensor");
+  m.def("geglu_packed_backward(Tensor grad_out, Tensor x, *, str approximate=\"none\") -> Tensor");
 }
 
 namespace torchfast::cpu {

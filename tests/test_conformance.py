@@ -14,6 +14,14 @@ OPS = sorted(torchfast.REGISTRY)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles the same lambda for another op: without a reset, dynamo counts those as
+    recompiles of one code object and stops at its limit (8) once there are enough ops."""
+    torch._dynamo.reset()
+    yield
+
+
 def _float_tensors(args):
     return [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
 

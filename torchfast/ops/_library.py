@@ -80,3 +80,24 @@ def native_unavailable(qualname: str) -> Callable[[str, bool], str | None]:
         return None
 
     return unavailable
+
+
+def register_autocast_casting(qualname: str, cast: Callable) -> None:
+    """Autocast rule of ops whose inputs may legitimately differ in dtype under autocast (a bf16
+    activation with an fp32 bias, a bf16 gate with an fp32 up): `cast(*args, **kwargs)` returns the
+    (args, kwargs) to run the op on, with autocast excluded below it. The casts it makes go through
+    the dispatcher, so autograd records them and gradients reach the original dtypes. Inputs that
+    already agree are passed as they are (fp32 math inside the kernels, as register_autocast_same_dtype
+    explains)."""
+    ns, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, ns), name)
+    lib = _lib("IMPL")
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, _excluded=excluded, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                args, kwargs = cast(*args, **kwargs)
+                return op(*args, **kwargs)
+
+        lib.impl(name, kernel, key, with_keyset=True)

@@ -1,0 +1,100 @@
+// Building blocks of the row-mapped CPU kernels (bias_act, glu): loads and stores that widen
+// bfloat16/float16 to float and round back once, and the split of a rows x cols problem across
+// threads. Included only by `*_kernel.cpp` files (compiled once per ISA), like elementwise.h.
+#pragma once
+
+#include <torchfast/elementwise.h>
+#include <torchfast/row_ptr.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace torchfast::cpu {
+inline namespace CPU_CAPABILITY {
+
+// One step of a kernel over T: kN compute vectors (two float vectors per bf16/fp16 vector, one
+// otherwise), kWidth elements. C is the compute scalar: double for double, float otherwise.
+template <typename T>
+struct MapLanes {
+  using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  using V = Vectorized<C>;
+  static constexpr int kN = at::vec::is_reduced_floating_point_v<T> ? 2 : 1;
+  static constexpr int64_t kWidth = kN * V::size();
+
+  // The `count` (<= kWidth) elements at p, widened; lanes past count are zero.
+  static void load(const T* p, int64_t count, V (&v)[kN]) {
+    if constexpr (kN == 2) {
+      using R = Vectorized<T>;
+      R raw = count == kWidth ? R::loadu(p) : R::loadu(p, count);
+      std::tie(v[0], v[1]) = at::vec::convert_to_float<T>(raw);
+    } else {
+      v[0] = count == kWidth ? V::loadu(p) : V::loadu(p, count);
+    }
+  }
+
+  static void store(T* p, int64_t count, const V (&v)[kN]) {
+    if constexpr (kN == 2) {
+      Vectorized<T> raw = at::vec::convert_from_float<T>(v[0], v[1]);
+      count == kWidth ? raw.store(p) : raw.store(p, count);
+    } else {
+      count == kWidth ? v[0].store(p) : v[0].store(p, count);
+    }
+  }
+
+  // Loads and stores of compute-typed buffers (bias, gradient accumulators).
+  static void load_c(const C* p, int64_t count, V (&v)[kN]) {
+    for (int k = 0; k < kN; ++k) {
+      const int64_t n = std::clamp<int64_t>(count - k * V::size(), 0, V::size());
+      v[k] = n == V::size() ? V::loadu(p + k * V::size()) : (n > 0 ? V::loadu(p + k * V::size(), n) : V(0));
+    }
+  }
+
+  static void store_c(C* p, int64_t count, const V (&v)[kN]) {
+    for (int k = 0; k < kN; ++k) {
+      const int64_t n = std::clamp<int64_t>(count - k * V::size(), 0, V::size());
+      if (n == V::size()) {
+        v[k].store(p + k * V::size());
+      } else if (n > 0) {
+        v[k].store(p + k * V::size(), n);
+      }
+    }
+  }
+};
+
+// fn(offset, count) over [0, len) in steps of kWidth, the last step possibly partial.
+template <typename L, typename Fn>
+inline void for_steps(int64_t len, const Fn& fn) {
+  int64_t i = 0;
+  for (; i + L::kWidth <= len; i += L::kWidth) fn(i, L::kWidth);
+  if (i < len) fn(i, len - i);
+}
+
+// Splits rows x cols elements into chunks of about kGrain for at::parallel_for, and calls
+// seg(row, col, len) for each run of one row inside a chunk.
+template <typename Fn>
+void parallel_rows(int64_t rows, int64_t cols, const Fn& seg) {
+  if (rows <= 0 || cols <= 0) return;
+  at::parallel_for(0, rows * cols, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t r = begin / cols, c = begin % cols;
+    while (begin < end) {
+      const int64_t len = std::min(cols - c, end - begin);
+      seg(r, c, len);
+      begin += len;
+      ++r;
+      c = 0;
+    }
+  });
+}
+
+template <typename T>
+inline const T* row(const RowPtr& p, int64_t r) {
+  return static_cast<const T*>(p.ptr) + r * p.row_stride;
+}
+
+template <typename T>
+inline T* row(const RowPtrMut& p, int64_t r) {
+  return static_cast<T*>(p.ptr) + r * p.row_stride;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace torchfast::cpu
