@@ -16,9 +16,10 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """The compile tests below compile one lambda per op; Dynamo caches per code object, so with more
-    ops than its recompile_limit (8) the later ops would hit the limit. Each test starts clean."""
+    """Each test compiles the same lambda for another op: without a reset, dynamo counts those as
+    recompiles of one code object and stops at its limit (8) once there are enough ops."""
     torch._dynamo.reset()
+    yield
 
 
 def _float_tensors(args):

@@ -11,11 +11,8 @@ from torchfast import _ext  # noqa: F401  (loads _C, or warns and falls back to 
 from torchfast import export, nn, ops
 from torchfast._info import build_info
 from torchfast._registry import REGISTRY, use_impl
-from torchfast.ops import swish
-from torchfast.ops import add_rms_norm, layer_norm, rms_norm
-from torchfast.ops import bias_act, geglu, swiglu
+from torchfast.ops import add_rms_norm, bias_act, geglu, layer_norm, rms_norm, swiglu, swish
 
 __version__ = "0.1.0"
-__all__ = ["REGISTRY", "build_info", "export", "nn", "ops", "swish", "use_impl"]
-__all__ += ["add_rms_norm", "layer_norm", "rms_norm"]
-__all__ += ["bias_act", "geglu", "swiglu"]
+__all__ = ["REGISTRY", "add_rms_norm", "bias_act", "build_info", "export", "geglu", "layer_norm", "nn", "ops",
+           "rms_norm", "swiglu", "swish", "use_impl"]

@@ -8,6 +8,5 @@ from torchfast.nn.swish import SiLU, Swish
 from torchfast.nn.layer_norm import LayerNorm
 from torchfast.nn.rms_norm import AddRMSNorm, RMSNorm
 
-__all__ = ["SiLU", "Swish"]
+__all__ = ["GELU", "GeGLU", "Linear", "SiLU", "SwiGLU", "Swish"]
 __all__ += ["AddRMSNorm", "LayerNorm", "RMSNorm"]
-__all__ += ["GELU", "GeGLU", "Linear", "SwiGLU"]

@@ -21,6 +21,4 @@ from torchfast.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 for _spec in REGISTRY.values():
     register_onnx_symbolics(_spec)
 
-__all__ = ["swish"]
-__all__ += ["add_rms_norm", "layer_norm", "rms_norm"]
-__all__ += ["bias_act", "geglu", "swiglu"]
+__all__ = ["add_rms_norm", "bias_act", "geglu", "layer_norm", "rms_norm", "swiglu", "swish"]

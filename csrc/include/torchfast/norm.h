@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torchfast/cpu_alloc.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -72,7 +73,8 @@ inline at::Tensor empty_stats(const at::Tensor& x) {
 
 // Outputs of the normalizations are contiguous (rows of n elements), whatever x's layout.
 inline at::Tensor empty_rows_like(const at::Tensor& x) {
-  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  // Large CPU outputs get the huge-page hint before their first write (cpu_alloc.h).
+  return hinted(at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)));
 }
 
 inline int64_t norm_rows(const at::Tensor& x) { return x.numel() / x.size(-1); }

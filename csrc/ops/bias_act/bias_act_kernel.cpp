@@ -9,7 +9,7 @@
 // from the unrounded dx, in per-task partial rows that are added up at the end: no atomics, and the
 // same result on every run with the same thread count.
 #include <torchfast/activations.h>
-#include <torchfast/act_rowwise.h>
+#include <torchfast/rowmap.h>
 
 #include <vector>
 
@@ -42,7 +42,7 @@ void bias_act_fwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, Ro
   dispatch(dtype, act, bias != nullptr, [&](auto tag, auto a, auto has_bias) {
     using T = decltype(tag);
     using A = decltype(a);
-    using L = IoLanes<T>;
+    using L = MapLanes<T>;
     using C = typename L::C;
     using V = typename L::V;
     parallel_rows(rows, cols, [&](int64_t r, int64_t c0, int64_t len) {
@@ -69,7 +69,7 @@ void bias_act_bwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, Ro
   dispatch(dtype, act, bias != nullptr, [&](auto tag, auto a, auto has_bias) {
     using T = decltype(tag);
     using A = decltype(a);
-    using L = IoLanes<T>;
+    using L = MapLanes<T>;
     using C = typename L::C;
     using V = typename L::V;
     const C* bias_c = static_cast<const C*>(bias);

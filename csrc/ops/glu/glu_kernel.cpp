@@ -8,7 +8,7 @@
 // fp32 per vector and rounded once on store. Operands are row views (row_ptr.h), so the two halves of
 // a packed [..., 2H] tensor are read and written in place.
 #include <torchfast/activations.h>
-#include <torchfast/act_rowwise.h>
+#include <torchfast/rowmap.h>
 
 namespace torchfast::cpu {
 namespace CPU_CAPABILITY {
@@ -38,7 +38,7 @@ void glu_fwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, RowPtr 
   dispatch_glu(dtype, act, [&](auto tag, auto a) {
     using T = decltype(tag);
     using A = decltype(a);
-    using L = IoLanes<T>;
+    using L = MapLanes<T>;
     using V = typename L::V;
     parallel_rows(rows, cols, [&](int64_t r, int64_t c0, int64_t len) {
       const T* gr = row<T>(gate, r) + c0;
@@ -60,7 +60,7 @@ void glu_bwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, RowPtr 
   dispatch_glu(dtype, act, [&](auto tag, auto a) {
     using T = decltype(tag);
     using A = decltype(a);
-    using L = IoLanes<T>;
+    using L = MapLanes<T>;
     using V = typename L::V;
     parallel_rows(rows, cols, [&](int64_t r, int64_t c0, int64_t len) {
       const T* dyr = row<T>(grad_out, r) + c0;

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <torchfast/checks.h>
+#include <torchfast/cpu_alloc.h>
 #include <torchfast/cpu_isa.h>
 
 TORCHFAST_DECLARE_CPU_KERNEL(void, swish_fwd, c10::ScalarType, const void*, void*, int64_t)
@@ -14,7 +15,9 @@ namespace torchfast {
 
 at::Tensor swish_cpu(const at::Tensor& x) {
   check_elementwise_forward(x, "swish");
-  at::Tensor y = at::empty_like(x);  // keeps a dense input's layout: channels-last stays so
+  // empty_like keeps a dense input's layout (channels-last stays so); a large output gets the
+  // huge-page hint before its first write (cpu_alloc.h: page faults cost more than the math).
+  at::Tensor y = hinted(at::empty_like(x));
   if (y.numel() > 0) {
     at::Tensor xd = laid_out_like(x, y);
     TORCHFAST_CPU_DISPATCH(swish_fwd)(x.scalar_type(), xd.const_data_ptr(), y.mutable_data_ptr(),
@@ -25,7 +28,7 @@ at::Tensor swish_cpu(const at::Tensor& x) {
 
 at::Tensor swish_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x) {
   check_elementwise_backward(grad_out, x, "swish_backward");
-  at::Tensor grad_in = at::empty_like(x);
+  at::Tensor grad_in = hinted(at::empty_like(x));
   if (grad_in.numel() > 0) {
     // A stride-0 grad_out (from .sum().backward()) or one of another layout is copied once.
     at::Tensor xd = laid_out_like(x, grad_in);

@@ -1,5 +1,4 @@
-// Building blocks of the row-wise activation CPU kernels (bias_act, glu; the normalizations have
-// rowwise.h): loads and stores that widen
+// Building blocks of the row-mapped CPU kernels (bias_act, glu): loads and stores that widen
 // bfloat16/float16 to float and round back once, and the split of a rows x cols problem across
 // threads. Included only by `*_kernel.cpp` files (compiled once per ISA), like elementwise.h.
 #pragma once
@@ -16,7 +15,7 @@ inline namespace CPU_CAPABILITY {
 // One step of a kernel over T: kN compute vectors (two float vectors per bf16/fp16 vector, one
 // otherwise), kWidth elements. C is the compute scalar: double for double, float otherwise.
 template <typename T>
-struct IoLanes {
+struct MapLanes {
   using C = std::conditional_t<std::is_same_v<T, double>, double, float>;
   using V = Vectorized<C>;
   static constexpr int kN = at::vec::is_reduced_floating_point_v<T> ? 2 : 1;
