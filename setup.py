@@ -1,7 +1,7 @@
 """Builds torchfast._C: CPU kernels (several ISA variants) and, when possible, CUDA kernels.
 
 Sources are found by glob: csrc/*.cpp, csrc/ops/*/*_cpu.cpp and csrc/ops/*/*_autograd.cpp always, csrc/ops/*/*_kernel.cpp once
-per CPU ISA (x86-64: DEFAULT, AVX2, AVX512; picked at run time like ATen's kernels), and
+per CPU ISA (x86-64: DEFAULT, AVX2, AVX512, AVX512_BF16; picked at run time like ATen's kernels), and
 csrc/ops/*/*_cuda.cu for CUDA. Knobs (environment):
   TORCHFAST_CUDA=1|0     force / disable the CUDA kernels (default: when torch has CUDA and nvcc exists)
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0")
@@ -48,6 +48,11 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
+# One more variant ATen does not have: AVX-512 plus the BF16 extension, whose VCVTNE2PS2BF16 rounds 32
+# floats to bfloat16 in one instruction (at::vec emulates it in about ten). It uses at::vec's AVX-512
+# code (CPU_CAPABILITY_AVX512) in a namespace of its own, and runs only where CPUID reports AVX512_BF16.
+ISA_FLAGS["AVX512_BF16"] = ISA_FLAGS["AVX512"] + ["-mavx512bf16"]
+VEC_CODE = {"AVX512_BF16": "AVX512"}  # the at::vec implementation each variant compiles
 ISAS = list(ISA_FLAGS) if X86 else ["DEFAULT"]
 
 
@@ -100,7 +105,8 @@ class BuildExtension(ce.BuildExtension):
                 kernels,
                 output_dir=os.path.join(self.build_temp, f"isa-{isa}"),
                 include_dirs=ext.include_dirs,
-                extra_postargs={"cxx": base + [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"] + ISA_FLAGS[isa]},
+                extra_postargs={"cxx": base + [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{VEC_CODE.get(isa, isa)}"]
+                                + ISA_FLAGS[isa]},
             )
             ext.extra_objects.extend(objects)
         super().build_extension(ext)

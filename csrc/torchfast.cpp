@@ -45,6 +45,9 @@ namespace {
 int g_override = -1;  // -1: follow ATen
 
 Isa best_compiled(Isa want) {
+#if !defined(TORCHFAST_HAVE_AVX512_BF16)
+  if (want == Isa::AVX512_BF16) want = Isa::AVX512;
+#endif
 #if !defined(TORCHFAST_HAVE_AVX512)
   if (want == Isa::AVX512) want = Isa::AVX2;
 #endif
@@ -54,15 +57,30 @@ Isa best_compiled(Isa want) {
   return want;
 }
 
-Isa parse(const std::string& name) {
-  if (name == "AVX512") return Isa::AVX512;
-  if (name == "AVX2") return Isa::AVX2;
-  return Isa::DEFAULT;  // ATen reports DEFAULT, or an ISA of another architecture
+constexpr Isa kAll[] = {Isa::DEFAULT, Isa::AVX2, Isa::AVX512, Isa::AVX512_BF16};
+
+bool cpu_has_avx512_bf16() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
 }
 
-// ATen's pick, computed once: it reads CPUID and ATEN_CPU_CAPABILITY, neither changes later.
+// ATen's pick, computed once: it reads CPUID and ATEN_CPU_CAPABILITY, neither changes later. Where
+// ATen runs AVX-512 and the CPU has the BF16 extension too, ours goes one step further.
+Isa cpu_ceiling() {
+  static const Isa isa = [] {
+    const std::string aten = at::get_cpu_capability();
+    if (aten == "AVX512") return cpu_has_avx512_bf16() ? Isa::AVX512_BF16 : Isa::AVX512;
+    if (aten == "AVX2") return Isa::AVX2;
+    return Isa::DEFAULT;  // ATen reports DEFAULT, or an ISA of another architecture
+  }();
+  return isa;
+}
+
 Isa aten_isa() {
-  static const Isa isa = best_compiled(parse(at::get_cpu_capability()));
+  static const Isa isa = best_compiled(cpu_ceiling());
   return isa;
 }
 }  // namespace
@@ -71,6 +89,8 @@ Isa active_isa() { return g_override >= 0 ? static_cast<Isa>(g_override) : aten_
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::AVX512_BF16:
+      return "AVX512_BF16";
     case Isa::AVX512:
       return "AVX512";
     case Isa::AVX2:
@@ -81,13 +101,20 @@ const char* isa_name(Isa isa) {
 }
 
 std::vector<std::string> compiled_isas() {
-  std::vector<std::string> out{"DEFAULT"};
-#if defined(TORCHFAST_HAVE_AVX2)
-  out.emplace_back("AVX2");
-#endif
-#if defined(TORCHFAST_HAVE_AVX512)
-  out.emplace_back("AVX512");
-#endif
+  std::vector<std::string> out;
+  for (Isa isa : kAll) {
+    if (best_compiled(isa) == isa) out.emplace_back(isa_name(isa));
+  }
+  return out;
+}
+
+std::vector<std::string> runnable_isas() {
+  std::vector<std::string> out;
+  for (Isa isa : kAll) {
+    if (best_compiled(isa) == isa && static_cast<int>(isa) <= static_cast<int>(cpu_ceiling())) {
+      out.emplace_back(isa_name(isa));
+    }
+  }
   return out;
 }
 
@@ -96,14 +123,17 @@ void set_isa_override(const std::string& name) {
     g_override = -1;
     return;
   }
-  Isa want = parse(name);
-  TORCH_CHECK(name == isa_name(want), "torchfast: unknown CPU ISA '", name,
-              "'; expected DEFAULT, AVX2 or AVX512");
+  const Isa* found = nullptr;
+  for (const Isa& isa : kAll) {
+    if (name == isa_name(isa)) found = &isa;
+  }
+  TORCH_CHECK(found != nullptr, "torchfast: unknown CPU ISA '", name,
+              "'; expected DEFAULT, AVX2, AVX512 or AVX512_BF16");
+  const Isa want = *found;
   TORCH_CHECK(best_compiled(want) == want, "torchfast: the ", name,
               " kernels were not compiled into this build");
   // The CPU must support what we force: never run AVX-512 code on a CPU without it.
-  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best_compiled(parse(at::get_cpu_capability()))) ||
-                  want == Isa::DEFAULT,
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(cpu_ceiling()),
               "torchfast: this CPU (or ATEN_CPU_CAPABILITY) does not allow ", name);
   g_override = static_cast<int>(want);
 }
@@ -113,14 +143,16 @@ void set_isa_override(const std::string& name) {
 // ---- torchfast._C: a plain C-API module (no pybind11) keeps this file quick to compile. ----
 namespace {
 
-PyObject* py_compiled_isas(PyObject*, PyObject*) {
-  auto names = torchfast::cpu::compiled_isas();
+PyObject* string_list(const std::vector<std::string>& names) {
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(names.size()));
   for (size_t i = 0; i < names.size(); ++i) {
     PyList_SET_ITEM(list, i, PyUnicode_FromString(names[i].c_str()));
   }
   return list;
 }
+
+PyObject* py_compiled_isas(PyObject*, PyObject*) { return string_list(torchfast::cpu::compiled_isas()); }
+PyObject* py_runnable_isas(PyObject*, PyObject*) { return string_list(torchfast::cpu::runnable_isas()); }
 
 PyObject* py_active_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(torchfast::cpu::isa_name(torchfast::cpu::active_isa()));
@@ -148,9 +180,11 @@ PyObject* py_cuda_arch_list(PyObject*, PyObject*) {
 
 PyMethodDef methods[] = {
     {"_compiled_isas", py_compiled_isas, METH_NOARGS, "CPU ISA variants compiled into this build."},
+    {"_runnable_isas", py_runnable_isas, METH_NOARGS, "Compiled CPU ISA variants this CPU can run."},
     {"_active_isa", py_active_isa, METH_NOARGS, "CPU ISA whose kernels run now."},
     {"_set_cpu_isa", py_set_isa, METH_O,
-     "Force a compiled CPU ISA variant ('DEFAULT', 'AVX2', 'AVX512'); '' restores ATen's choice."},
+     "Force a runnable CPU ISA variant ('DEFAULT', 'AVX2', 'AVX512', 'AVX512_BF16'); '' restores ATen's "
+     "choice."},
     {"_cuda_arch_list", py_cuda_arch_list, METH_NOARGS,
      "The TORCH_CUDA_ARCH_LIST the CUDA kernels were built for, or None without CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};

@@ -48,12 +48,17 @@ def test_info_json_in_a_fresh_process():
     info = json.loads(proc.stdout)
     assert info["compiled"] is True, info.get("load_error")
     # The active variant follows ATen's choice: the best one built that does not exceed it.
-    order = ["DEFAULT", "AVX2", "AVX512"]
+    # AVX512_BF16 (ours) sits on top of ATen's AVX512 and needs the CPU's BF16 extension as well.
+    order = ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"]
     ceiling = order.index(info["aten_cpu_capability"]) if info["aten_cpu_capability"] in order else 0
     allowed = [isa for isa in info["cpu_isas"] if order.index(isa) <= ceiling]
-    assert info["cpu_isa_active"] == allowed[-1], info
+    assert info["cpu_isas_runnable"][: len(allowed)] == allowed, info
+    assert set(info["cpu_isas_runnable"]) <= set(info["cpu_isas"])
+    extra = info["cpu_isas_runnable"][len(allowed):]
+    assert extra in ([], ["AVX512_BF16"]) and (not extra or ceiling == order.index("AVX512")), info
+    assert info["cpu_isa_active"] == info["cpu_isas_runnable"][-1], info
     expected = torchfast.build_info()
-    for key in ("torch", "compiled", "cpu_isas", "cuda_kernels", "ops"):
+    for key in ("torch", "compiled", "cpu_isas", "cpu_isas_runnable", "cuda_kernels", "ops"):
         assert info[key] == expected[key], key
 
 

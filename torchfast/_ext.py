@@ -55,13 +55,18 @@ def cpu_isas() -> list[str]:
     return list(_C._compiled_isas()) if _C is not None else []
 
 
+def runnable_cpu_isas() -> list[str]:
+    """The compiled CPU ISA variants this CPU can run (and ATEN_CPU_CAPABILITY allows), lowest first."""
+    return list(_C._runnable_isas()) if _C is not None else []
+
+
 def active_cpu_isa() -> str | None:
     return _C._active_isa() if _C is not None else None
 
 
 def set_cpu_isa(name: str | None) -> None:
-    """Force the CPU kernels of one compiled ISA ("DEFAULT", "AVX2", "AVX512"); None restores ATen's
-    choice. For tests and benchmarks: the kernels of every ISA compute the same function."""
+    """Force the CPU kernels of one runnable ISA ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16"); None
+    restores ATen's choice. For tests and benchmarks: the kernels of every ISA compute the same function."""
     if _C is None:
         raise RuntimeError(f"torchfast._C is not built ({LOAD_ERROR}); {BUILD_HINT}")
     _C._set_cpu_isa(name or "")

@@ -26,6 +26,7 @@ def build_info() -> dict:
         "compiled": _ext.built(),
         "load_error": _ext.LOAD_ERROR,
         "cpu_isas": _ext.cpu_isas(),
+        "cpu_isas_runnable": _ext.runnable_cpu_isas(),
         "cpu_isa_active": _ext.active_cpu_isa(),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda_kernels": cuda_built,

@@ -99,7 +99,7 @@ def test_gradcheck_and_gradgradcheck_every_activation(act):
     assert torch.autograd.gradgradcheck(fn1, (x,))
 
 
-@pytest.mark.parametrize("isa", torchfast._ext.cpu_isas() or ["none"])
+@pytest.mark.parametrize("isa", torchfast._ext.runnable_cpu_isas() or ["none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_cpu_isa_variant_matches_reference(isa, dtype, restore_cpu_isa):
     """Each compiled ISA variant, every activation; 37 x 1503 elements cross the parallel grain, split

@@ -12,6 +12,8 @@
 #include <c10/util/Half.h>
 
 #include <limits>
+#include <tuple>
+#include <type_traits>
 
 namespace torchfast::cpu {
 inline namespace CPU_CAPABILITY {
@@ -22,19 +24,60 @@ using at::vec::Vectorized;
 // 128 KB of fp32 in and out) dwarfs the cost of waking it, small enough to split 2^16 elements.
 constexpr int64_t kGrain = 32768;
 
-// Apply `fn` (taking and returning Vectorized<float> for reduced types, Vectorized<T> otherwise)
-// to n elements, split across threads.
+// Rounds 2N floats (two vectors) to one vector of the reduced type T (bfloat16 or float16), to
+// nearest even. Compiled for AVX512_BF16 (our extra ISA variant), bfloat16 takes one VCVTNE2PS2BF16
+// instead of at::vec's integer emulation (about ten instructions per 16 lanes). The only difference
+// in results: the instruction flushes float32 subnormals (|v| < 1.2e-38) to zero, as oneDNN's bf16
+// kernels do; NaN stays NaN and infinities stay infinite.
+template <typename T>
+inline Vectorized<T> round_to(const Vectorized<float>& lo, const Vectorized<float>& hi) {
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // The first operand fills the upper 16 lanes.
+    return Vectorized<T>((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+#endif
+  return at::vec::convert_from_float<T>(lo, hi);
+}
+
+// out[i] = fn(in1[i], in2[i], ...) over n elements of T: fn takes and returns compute_vec_t<T>
+// (float for the reduced types, which are widened on load and rounded once on store).
+template <typename T, typename Fn, typename... In>
+void map_n(const Fn& fn, T* out, int64_t n, const In*... in) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    using R = Vectorized<T>;
+    auto step = [&](int64_t i, int64_t count) {
+      auto load = [&](const T* p) {
+        return at::vec::convert_to_float<T>(count == R::size() ? R::loadu(p + i) : R::loadu(p + i, count));
+      };
+      auto widened = std::make_tuple(load(in)...);
+      auto lo = std::apply([&](const auto&... w) { return fn(std::get<0>(w)...); }, widened);
+      auto hi = std::apply([&](const auto&... w) { return fn(std::get<1>(w)...); }, widened);
+      R r = round_to<T>(lo, hi);
+      count == R::size() ? r.store(out + i) : r.store(out + i, count);
+    };
+    int64_t i = 0;
+    for (; i + R::size() <= n; i += R::size()) step(i, R::size());
+    if (i < n) step(i, n - i);
+  } else if constexpr (sizeof...(In) == 1) {
+    at::vec::map<T>(fn, out, in..., n);
+  } else {
+    at::vec::map2<T>(fn, out, in..., n);
+  }
+}
+
+// map_n split across threads.
 template <typename T, typename Fn>
 void parallel_map(const Fn& fn, T* out, const T* in, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    at::vec::map<T>(fn, out + begin, in + begin, end - begin);
+    map_n<T>(fn, out + begin, end - begin, in + begin);
   });
 }
 
 template <typename T, typename Fn>
 void parallel_map2(const Fn& fn, T* out, const T* in1, const T* in2, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    at::vec::map2<T>(fn, out + begin, in1 + begin, in2 + begin, end - begin);
+    map_n<T>(fn, out + begin, end - begin, in1 + begin, in2 + begin);
   });
 }
 

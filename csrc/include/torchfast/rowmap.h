@@ -34,7 +34,7 @@ struct MapLanes {
 
   static void store(T* p, int64_t count, const V (&v)[kN]) {
     if constexpr (kN == 2) {
-      Vectorized<T> raw = at::vec::convert_from_float<T>(v[0], v[1]);
+      Vectorized<T> raw = round_to<T>(v[0], v[1]);
       count == kWidth ? raw.store(p) : raw.store(p, count);
     } else {
       count == kWidth ? v[0].store(p) : v[0].store(p, count);

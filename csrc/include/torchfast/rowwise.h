@@ -45,7 +45,7 @@ struct Lanes {
 
   static inline void store(T* p, const V& a, const V& b) {
     if constexpr (kReduced) {
-      at::vec::convert_from_float<T>(a, b).store(p);
+      round_to<T>(a, b).store(p);
     } else {
       a.store(p);
       b.store(p + V::size());
