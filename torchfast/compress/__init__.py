@@ -9,6 +9,8 @@
 """
 
 from torchfast.compress._prune import METHODS, SCOPES, SparsityReport, prune, sparsity_report
+from torchfast.compress._quantize import MODES, STATIC_BACKENDS, quantize, quantize_static
 from torchfast.compress._shrink import shrink
 
-__all__ = ["METHODS", "SCOPES", "SparsityReport", "prune", "shrink", "sparsity_report"]
+__all__ = ["METHODS", "MODES", "SCOPES", "STATIC_BACKENDS", "SparsityReport", "prune", "quantize",
+           "quantize_static", "shrink", "sparsity_report"]
