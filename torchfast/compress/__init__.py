@@ -9,11 +9,12 @@
 """
 
 from torchfast.compress._compare import Comparison, compare
+from torchfast.compress._demo import demo_stage
 from torchfast.compress._onnx import ONNX_MODES, QuantizedOnnx, quantize_onnx
 from torchfast.compress._prune import METHODS, SCOPES, SparsityReport, prune, sparsity_report
 from torchfast.compress._quantize import MODES, STATIC_BACKENDS, quantize, quantize_static
 from torchfast.compress._shrink import shrink
 
 __all__ = ["METHODS", "MODES", "ONNX_MODES", "SCOPES", "STATIC_BACKENDS", "Comparison", "QuantizedOnnx",
-           "SparsityReport", "compare", "prune", "quantize", "quantize_onnx", "quantize_static", "shrink",
+           "SparsityReport", "compare", "demo_stage", "prune", "quantize", "quantize_onnx", "quantize_static", "shrink",
            "sparsity_report"]
