@@ -42,5 +42,5 @@ def demo_stage(model: nn.Module, data: torch.Tensor, *, repeats: int = DEMO_REPE
     lines = [f"           {'':<26}{'size':>8}{'speed':>9}{'max err':>10}",
              *(f"           {name:<26}{r.size_ratio:>7.2f}x{r.speedup:>8.2f}x{r.max_abs_error:>10.2g}  ({note})"
                for name, r, note in rows)]
-    return [f"  compress batch {data.shape[0]}, ratios against the float model, 1 thread, median of {repeats}",
-            *lines]
+    return [f"  compress batch {data.shape[0]}, ratios against the float model, 1 thread, median of {repeats}; "
+            "max err = largest output change (pruning without fine-tuning)", *lines]
