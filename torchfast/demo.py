@@ -90,6 +90,7 @@ class DemoResult:
     onnx_max_error: float | None = None
     speed: list[SpeedRow] = field(default_factory=list)
     speed_note: str | None = None
+    compress_lines: list[str] = field(default_factory=list)  # torchfast.compress.demo_stage
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,6 +325,7 @@ def format_summary(result: DemoResult, info: dict) -> str:
     if result.onnx_path is not None:
         lines.append(f"  onnx     {result.onnx_path}  (verified in onnxruntime, dynamic batch; "
                      f"max abs error {result.onnx_max_error:.2e})")
+    lines += result.compress_lines
     if result.speed:
         lines += [
             (f"  speed    swish forward+backward, {SPEED_NUMEL:,} elements, median of {SPEED_REPEATS}, "
@@ -374,6 +376,16 @@ def run(steps: int = 300, out: str | Path = "out", seed: int = 0, device: str = 
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         raise DemoError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+
+    # -- compression (torchfast/compress/_demo.py): prune + shrink, int8, ONNX int8, one table --------
+    print("torchfast demo: compressing (prune + shrink, int8, ONNX int8)", file=log, flush=True)
+    from torchfast.compress import demo_stage
+
+    try:
+        result.compress_lines = demo_stage(model, teacher.batch(BATCH)[0])
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        raise DemoError(f"compression failed: {type(e).__name__}: {e}") from e
 
     print("torchfast demo: timing swish", file=log, flush=True)
     result.speed = swish_speed(dev)

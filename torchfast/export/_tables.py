@@ -44,6 +44,12 @@ def onnx_opset(version: int):
     return Opset("", version)
 
 
+# Translations of non-torchfast operators that torchfast's own features put in graphs, keyed by the
+# OpOverload, then by first opset, as in the specs. Filled by the module that needs it when it is
+# imported (torchfast/compress/_quantize.py: aten._int_mm of torchao's int8 dynamic quantization).
+EXTRA_TRANSLATIONS: dict = {}
+
+
 def onnx_translation_table(opset: int | None = None) -> dict:
     """`custom_translation_table` for `torch.onnx.export(..., dynamo=True, opset_version=opset)`
     mapping every torchfast op (its OpOverload) that has a translation for `opset` to it.
@@ -57,7 +63,8 @@ def onnx_translation_table(opset: int | None = None) -> dict:
     from torchfast.export._onnx import DEFAULT_OPSET
 
     opset = DEFAULT_OPSET["dynamo"] if opset is None else opset
-    table = {}
+    table = {op: fn for op, functions in EXTRA_TRANSLATIONS.items()
+             if (fn := pick_opset(functions, opset)) is not None}
     for spec in REGISTRY.values():
         for op_name, functions in spec.onnx_translations.items():
             fn = pick_opset(functions, opset)

@@ -1,0 +1,46 @@
+"""The compression stage of `torchfast demo`: prune + shrink, quantize, ONNX int8, one comparison table."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from torchfast.compress._compare import compare
+from torchfast.compress._onnx import quantize_onnx
+from torchfast.compress._prune import prune
+from torchfast.compress._quantize import quantize
+from torchfast.compress._shrink import shrink
+
+DEMO_REPEATS = 15
+
+
+def demo_stage(model: nn.Module, data: torch.Tensor, *, repeats: int = DEMO_REPEATS) -> list[str]:
+    """Compress the demo's trained model three ways and return the comparison table as lines.
+
+    Rows: 50% ln_structured pruning + shrink (PyTorch), torchao int8_dynamic (PyTorch), and the ONNX
+    export quantized with onnxruntime (dynamic int8) against the float ONNX export; each against its
+    float original on `data` (a batch of inputs), timed interleaved in one run (1 thread, median of
+    `repeats`). `model` is not modified. Raises what the compression functions raise."""
+    from torchfast import export
+
+    model = model.eval()
+    rows = []
+    small = shrink(prune(model, 0.5, method="ln_structured"))
+    rows.append(("prune 50% + shrink", compare(model, small, data, repeats=repeats, threads=1),
+                 f"{sum(p.numel() for p in small.parameters()):,} of {sum(p.numel() for p in model.parameters()):,} params"))
+    rows.append(("int8 dynamic (torchao)", compare(model, quantize(model, mode="int8_dynamic"), data,
+                                                   repeats=repeats, threads=1), "PyTorch eager"))
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
+        export.onnx(model, (data[:8],), fp32)
+        quantize_onnx(fp32, int8, mode="dynamic", calibration_data=data)
+        rows.append(("onnx int8 (onnxruntime)", compare(fp32, int8, data, repeats=repeats, threads=1),
+                     "vs float ONNX"))
+    lines = [f"           {'':<26}{'size':>8}{'speed':>9}{'max err':>10}",
+             *(f"           {name:<26}{r.size_ratio:>7.2f}x{r.speedup:>8.2f}x{r.max_abs_error:>10.2g}  ({note})"
+               for name, r, note in rows)]
+    return [f"  compress batch {data.shape[0]}, ratios against the float model, 1 thread, median of {repeats}; "
+            "max err = largest output change (pruning without fine-tuning)", *lines]
