@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <optional>
 
 #include <torchfast/checks.h>
 
@@ -78,5 +79,108 @@ inline at::Tensor empty_rows_like(const at::Tensor& x) {
 }
 
 inline int64_t norm_rows(const at::Tensor& x) { return x.numel() / x.size(-1); }
+
+inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+inline void* mut_ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->mutable_data_ptr() : nullptr;
+}
+
+// Checked affine parameters, contiguous (undefined when absent), and the one dtype the kernels read
+// them as: weight and bias follow the same rule (x's dtype, or float32 for bf16/fp16 x) and, when
+// both are given, must agree.
+struct NormParams {
+  at::Tensor w, b;
+  c10::ScalarType dtype;
+};
+
+inline NormParams norm_params(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& x, const char* op) {
+  NormParams p{at::Tensor(), at::Tensor(), x.scalar_type()};
+  if (weight.has_value() && weight->defined()) {
+    check_norm_param(*weight, x, op, "weight");
+    p.w = weight->contiguous();
+    p.dtype = p.w.scalar_type();
+  }
+  if (bias.has_value() && bias->defined()) {
+    check_norm_param(*bias, x, op, "bias");
+    if (p.w.defined()) check_same_dtype(p.w, *bias, op, "weight", "bias");
+    p.b = bias->contiguous();
+    p.dtype = p.b.scalar_type();
+  }
+  return p;
+}
+
+// Everything a forward kernel needs, checked and allocated by the same code on every backend: the
+// contiguous inputs and the outputs (h only with a residual, mean only when asked for).
+struct NormForward {
+  at::Tensor x, residual;
+  NormParams p;
+  at::Tensor y, h, mean, rstd;
+  int64_t rows, n;
+};
+
+inline NormForward norm_forward(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                double eps, bool with_mean) {
+  check_norm_input(x, op);
+  if (residual.has_value()) check_like_x(*residual, x, op, "residual");
+  check_eps(eps, op);
+  NormForward f;
+  f.p = norm_params(weight, bias, x, op);
+  f.x = x.contiguous();
+  if (residual.has_value()) {
+    f.residual = residual->contiguous();
+    f.h = empty_rows_like(x);
+  }
+  f.y = empty_rows_like(x);
+  if (with_mean) f.mean = empty_stats(x);
+  f.rstd = empty_stats(x);
+  f.rows = norm_rows(x);
+  f.n = x.size(-1);
+  return f;
+}
+
+// The same for a backward: contiguous grad_out (and grad_h, the gradient arriving at add_rms_norm's
+// sum output), x, statistics; dx, and dw / db in the parameters' dtype where those exist. With no rows
+// the parameter gradients are already zero and there is nothing to launch.
+struct NormBackward {
+  at::Tensor grad_out, grad_h, x, mean, rstd;
+  NormParams p;
+  at::Tensor dx;
+  std::optional<at::Tensor> dw, db;
+  int64_t rows, n;
+};
+
+inline NormBackward norm_backward(const char* op, const char* x_arg, const at::Tensor& grad_out,
+                                  const std::optional<at::Tensor>& grad_h, const at::Tensor& x,
+                                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& mean, const at::Tensor& rstd) {
+  check_norm_input(x, op, x_arg);
+  check_like_x(grad_out, x, op, "grad_out", x_arg);
+  NormBackward b;
+  if (grad_h.has_value() && grad_h->defined()) {
+    check_like_x(*grad_h, x, op, "grad_h", x_arg);
+    b.grad_h = grad_h->contiguous();
+  }
+  b.p = norm_params(weight, bias, x, op);
+  if (mean.has_value()) {
+    check_norm_stats(*mean, x, op, "mean");
+    b.mean = mean->contiguous();
+  }
+  check_norm_stats(rstd, x, op, "rstd");
+  b.grad_out = grad_out.contiguous();
+  b.x = x.contiguous();
+  b.rstd = rstd.contiguous();
+  b.dx = empty_rows_like(x);
+  if (b.p.w.defined()) b.dw = at::empty_like(b.p.w);
+  if (b.p.b.defined()) b.db = at::empty_like(b.p.b);
+  b.rows = norm_rows(x);
+  b.n = x.size(-1);
+  if (b.rows == 0) {
+    if (b.dw) b.dw->zero_();
+    if (b.db) b.db->zero_();
+  }
+  return b;
+}
 
 }  // namespace torchfast

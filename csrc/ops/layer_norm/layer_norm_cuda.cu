@@ -123,56 +123,27 @@ __global__ void layer_norm_bwd_kernel(const T* __restrict__ g, const T* __restri
   }
 }
 
-struct Params {
-  at::Tensor w, b;
-  c10::ScalarType dtype;
-};
-
-Params affine_params(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                     const at::Tensor& x, const char* op) {
-  Params p{at::Tensor(), at::Tensor(), x.scalar_type()};
-  if (weight.has_value() && weight->defined()) {
-    check_norm_param(*weight, x, op, "weight");
-    p.w = weight->contiguous();
-    p.dtype = p.w.scalar_type();
-  }
-  if (bias.has_value() && bias->defined()) {
-    check_norm_param(*bias, x, op, "bias");
-    if (p.w.defined()) check_same_dtype(p.w, *bias, op, "weight", "bias");
-    p.b = bias->contiguous();
-    p.dtype = p.b.scalar_type();
-  }
-  return p;
-}
-
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor& x,
                                                                const std::optional<at::Tensor>& weight,
                                                                const std::optional<at::Tensor>& bias, double eps) {
-  check_norm_input(x, "layer_norm");
-  check_eps(eps, "layer_norm");
-  Params p = affine_params(weight, bias, x, "layer_norm");
+  NormForward f = norm_forward("layer_norm", x, std::nullopt, weight, bias, eps, /*with_mean=*/true);
+  if (f.rows == 0) return {f.y, f.mean, f.rstd};
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor y = empty_rows_like(x);
-  at::Tensor mean = empty_stats(x);
-  at::Tensor rstd = empty_stats(x);
-  const int64_t n = x.size(-1), rows = norm_rows(x);
-  if (rows == 0) return {y, mean, rstd};
-  const at::Tensor xc = x.contiguous();
+  const int64_t n = f.n, rows = f.rows;
+  const NormParams& p = f.p;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cuda::dispatch_norm_types(x.scalar_type(), p.dtype, [&](auto xt, auto wt) {
     using T = decltype(xt);
     using W = decltype(wt);
     using A = at::opmath_type<T>;
-    const T* xp = static_cast<const T*>(xc.const_data_ptr());
+    const T* xp = static_cast<const T*>(f.x.const_data_ptr());
     const W* wp = static_cast<const W*>(ptr_or_null(p.w));
     const W* bp = static_cast<const W*>(ptr_or_null(p.b));
-    T* yp = static_cast<T*>(y.mutable_data_ptr());
-    A* mp = static_cast<A*>(mean.mutable_data_ptr());
-    A* rs = static_cast<A*>(rstd.mutable_data_ptr());
+    T* yp = static_cast<T*>(f.y.mutable_data_ptr());
+    A* mp = static_cast<A*>(f.mean.mutable_data_ptr());
+    A* rs = static_cast<A*>(f.rstd.mutable_data_ptr());
     const int N = cuda::row_vector_width<T>(n, xp, yp, wp, bp);
     const cuda::LaunchConfig cfg = cuda::row_launch(rows, n, N);
     if (N > 1) {
@@ -182,39 +153,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cuda(const at::Tensor&
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {y, mean, rstd};
+  return {f.y, f.mean, f.rstd};
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> layer_norm_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd) {
-  const char* op = "layer_norm_backward";
-  check_norm_input(x, op);
-  check_like_x(grad_out, x, op, "grad_out");
-  Params p = affine_params(weight, bias, x, op);
-  check_norm_stats(mean, x, op, "mean");
-  check_norm_stats(rstd, x, op, "rstd");
+  NormBackward b = norm_backward("layer_norm_backward", "x", grad_out, std::nullopt, x, weight, bias, mean, rstd);
+  std::optional<at::Tensor>& dw = b.dw;
+  std::optional<at::Tensor>& db = b.db;
+  if (b.rows == 0) return {b.dx, dw, db};
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor dx = empty_rows_like(x);
-  std::optional<at::Tensor> dw, db;
-  if (p.w.defined()) dw = at::empty_like(p.w);
-  if (p.b.defined()) db = at::empty_like(p.b);
-  const int64_t n = x.size(-1), rows = norm_rows(x);
-  if (rows == 0) {
-    if (dw) dw->zero_();
-    if (db) db->zero_();
-    return {dx, dw, db};
-  }
-  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous(), mc = mean.contiguous(), rc = rstd.contiguous();
+  const int64_t n = b.n, rows = b.rows;
+  const NormParams& p = b.p;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   cuda::dispatch_norm_types(x.scalar_type(), p.dtype, [&](auto xt, auto wt) {
     using T = decltype(xt);
     using W = decltype(wt);
     using A = at::opmath_type<T>;
-    const T* gp = static_cast<const T*>(gc.const_data_ptr());
-    const T* xp = static_cast<const T*>(xc.const_data_ptr());
+    const T* gp = static_cast<const T*>(b.grad_out.const_data_ptr());
+    const T* xp = static_cast<const T*>(b.x.const_data_ptr());
     const W* wp = static_cast<const W*>(ptr_or_null(p.w));
-    T* dxp = static_cast<T*>(dx.mutable_data_ptr());
+    T* dxp = static_cast<T*>(b.dx.mutable_data_ptr());
     const int N = cuda::row_vector_width<T>(n, gp, xp, dxp, wp);
     const cuda::LaunchConfig cfg = cuda::row_launch(rows, n, N);
     const auto stats = x.options().dtype(stats_dtype(x));
@@ -222,8 +182,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
     at::Tensor pb = db ? at::zeros({static_cast<int64_t>(cfg.grid.x), n}, stats) : at::Tensor();
     A* pwp = pw.defined() ? static_cast<A*>(pw.mutable_data_ptr()) : nullptr;
     A* pbp = pb.defined() ? static_cast<A*>(pb.mutable_data_ptr()) : nullptr;
-    const A* mp = static_cast<const A*>(mc.const_data_ptr());
-    const A* rs = static_cast<const A*>(rc.const_data_ptr());
+    const A* mp = static_cast<const A*>(b.mean.const_data_ptr());
+    const A* rs = static_cast<const A*>(b.rstd.const_data_ptr());
     if (N > 1) {
       layer_norm_bwd_kernel<cuda::kVecElems<T>><<<cfg.grid, cfg.block, 0, stream>>>(gp, xp, wp, mp, rs, dxp, pwp, pbp,
                                                                                    rows, n);
@@ -234,7 +194,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>> lay
     if (dw) cuda::sum_partials(pwp, static_cast<W*>(dw->mutable_data_ptr()), cfg.grid.x, n, stream);
     if (db) cuda::sum_partials(pbp, static_cast<W*>(db->mutable_data_ptr()), cfg.grid.x, n, stream);
   });
-  return {dx, dw, db};
+  return {b.dx, dw, db};
 }
 
 TORCH_LIBRARY_IMPL(torchfast, CUDA, m) {

@@ -122,28 +122,24 @@ __global__ void rms_norm_bwd_kernel(const T* __restrict__ g, const T* __restrict
   }
 }
 
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-
-at::Tensor contiguous_weight(const std::optional<at::Tensor>& weight, const at::Tensor& x, const char* op) {
-  if (!weight.has_value() || !weight->defined()) return at::Tensor();
-  check_norm_param(*weight, x, op, "weight");
-  return weight->contiguous();
-}
-
-void launch_fwd(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, at::Tensor& y,
-                at::Tensor& h, at::Tensor& rstd, double eps) {
-  const int64_t n = x.size(-1), rows = norm_rows(x);
+// Shared forward of rms_norm and add_rms_norm (h and the residual only for the latter).
+NormForward forward(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                    const std::optional<at::Tensor>& weight, double eps) {
+  NormForward f = norm_forward(op, x, residual, weight, std::nullopt, eps, /*with_mean=*/false);
+  if (f.rows == 0) return f;
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t n = f.n, rows = f.rows;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cuda::dispatch_norm_types(x.scalar_type(), w.defined() ? w.scalar_type() : x.scalar_type(), [&](auto xt, auto wt) {
+  cuda::dispatch_norm_types(x.scalar_type(), f.p.dtype, [&](auto xt, auto wt) {
     using T = decltype(xt);
     using W = decltype(wt);
     using A = at::opmath_type<T>;
-    const T* xp = static_cast<const T*>(x.const_data_ptr());
-    const T* rp = static_cast<const T*>(ptr_or_null(residual));
-    const W* wp = static_cast<const W*>(ptr_or_null(w));
-    T* yp = static_cast<T*>(y.mutable_data_ptr());
-    T* hp = h.defined() ? static_cast<T*>(h.mutable_data_ptr()) : nullptr;
-    A* rs = static_cast<A*>(rstd.mutable_data_ptr());
+    const T* xp = static_cast<const T*>(f.x.const_data_ptr());
+    const T* rp = static_cast<const T*>(ptr_or_null(f.residual));
+    const W* wp = static_cast<const W*>(ptr_or_null(f.p.w));
+    T* yp = static_cast<T*>(f.y.mutable_data_ptr());
+    T* hp = f.h.defined() ? static_cast<T*>(f.h.mutable_data_ptr()) : nullptr;
+    A* rs = static_cast<A*>(f.rstd.mutable_data_ptr());
     const int N = cuda::row_vector_width<T>(n, xp, rp, yp, hp, wp);
     const cuda::LaunchConfig cfg = cuda::row_launch(rows, n, N);
     if (N > 1) {
@@ -153,73 +149,53 @@ void launch_fwd(const at::Tensor& x, const at::Tensor& residual, const at::Tenso
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return f;
 }
 
+// Shared backward: dx (plus grad_h when given) and, with a weight, dw in the weight's dtype.
 std::tuple<at::Tensor, std::optional<at::Tensor>> backward(const char* op, const char* x_arg,
                                                            const at::Tensor& grad_out,
                                                            const std::optional<at::Tensor>& grad_h,
                                                            const at::Tensor& x,
                                                            const std::optional<at::Tensor>& weight,
                                                            const at::Tensor& rstd) {
-  check_norm_input(x, op, x_arg);
-  check_like_x(grad_out, x, op, "grad_out", x_arg);
-  at::Tensor gs;
-  if (grad_h.has_value() && grad_h->defined()) {
-    check_like_x(*grad_h, x, op, "grad_h", x_arg);
-    gs = grad_h->contiguous();
-  }
-  at::Tensor w = contiguous_weight(weight, x, op);
-  check_norm_stats(rstd, x, op, "rstd");
+  NormBackward b = norm_backward(op, x_arg, grad_out, grad_h, x, weight, std::nullopt, std::nullopt, rstd);
+  if (b.rows == 0) return {b.dx, b.dw};
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor dx = empty_rows_like(x);
-  std::optional<at::Tensor> dw;
-  if (w.defined()) dw = at::empty_like(w, at::MemoryFormat::Contiguous);
-  const int64_t n = x.size(-1), rows = norm_rows(x);
-  if (rows == 0) {
-    if (dw) dw->zero_();
-    return {dx, dw};
-  }
-  const at::Tensor xc = x.contiguous(), gc = grad_out.contiguous(), rc = rstd.contiguous();
+  const int64_t n = b.n, rows = b.rows;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cuda::dispatch_norm_types(x.scalar_type(), w.defined() ? w.scalar_type() : x.scalar_type(), [&](auto xt, auto wt) {
+  cuda::dispatch_norm_types(x.scalar_type(), b.p.dtype, [&](auto xt, auto wt) {
     using T = decltype(xt);
     using W = decltype(wt);
     using A = at::opmath_type<T>;
-    const T* gp = static_cast<const T*>(gc.const_data_ptr());
-    const T* xp = static_cast<const T*>(xc.const_data_ptr());
-    const T* sp = static_cast<const T*>(ptr_or_null(gs));
-    const W* wp = static_cast<const W*>(ptr_or_null(w));
-    T* dxp = static_cast<T*>(dx.mutable_data_ptr());
+    const T* gp = static_cast<const T*>(b.grad_out.const_data_ptr());
+    const T* xp = static_cast<const T*>(b.x.const_data_ptr());
+    const T* sp = static_cast<const T*>(ptr_or_null(b.grad_h));
+    const W* wp = static_cast<const W*>(ptr_or_null(b.p.w));
+    T* dxp = static_cast<T*>(b.dx.mutable_data_ptr());
     const int N = cuda::row_vector_width<T>(n, gp, xp, sp, dxp, wp);
     const cuda::LaunchConfig cfg = cuda::row_launch(rows, n, N);
     at::Tensor partial;
-    if (dw) partial = at::zeros({static_cast<int64_t>(cfg.grid.x), n}, x.options().dtype(stats_dtype(x)));
+    if (b.dw) partial = at::zeros({static_cast<int64_t>(cfg.grid.x), n}, x.options().dtype(stats_dtype(x)));
     A* pp = partial.defined() ? static_cast<A*>(partial.mutable_data_ptr()) : nullptr;
-    const A* rs = static_cast<const A*>(rc.const_data_ptr());
+    const A* rs = static_cast<const A*>(b.rstd.const_data_ptr());
     if (N > 1) {
       rms_norm_bwd_kernel<cuda::kVecElems<T>><<<cfg.grid, cfg.block, 0, stream>>>(gp, xp, wp, rs, sp, dxp, pp, rows, n);
     } else {
       rms_norm_bwd_kernel<1><<<cfg.grid, cfg.block, 0, stream>>>(gp, xp, wp, rs, sp, dxp, pp, rows, n);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (dw) cuda::sum_partials(pp, static_cast<W*>(dw->mutable_data_ptr()), cfg.grid.x, n, stream);
+    if (b.dw) cuda::sum_partials(pp, static_cast<W*>(b.dw->mutable_data_ptr()), cfg.grid.x, n, stream);
   });
-  return {dx, dw};
+  return {b.dx, b.dw};
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                  double eps) {
-  check_norm_input(x, "rms_norm");
-  check_eps(eps, "rms_norm");
-  at::Tensor w = contiguous_weight(weight, x, "rms_norm");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor y = empty_rows_like(x);
-  at::Tensor rstd = empty_stats(x);
-  at::Tensor none;
-  if (x.numel() > 0) launch_fwd(x.contiguous(), none, w, y, none, rstd, eps);
-  return {y, rstd};
+  NormForward f = forward("rms_norm", x, std::nullopt, weight, eps);
+  return {f.y, f.rstd};
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward_cuda(const at::Tensor& grad_out,
@@ -232,16 +208,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> rms_norm_backward_cuda(const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
                                                                  const std::optional<at::Tensor>& weight,
                                                                  double eps) {
-  check_norm_input(x, "add_rms_norm");
-  check_like_x(residual, x, "add_rms_norm", "residual");
-  check_eps(eps, "add_rms_norm");
-  at::Tensor w = contiguous_weight(weight, x, "add_rms_norm");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor y = empty_rows_like(x);
-  at::Tensor h = empty_rows_like(x);
-  at::Tensor rstd = empty_stats(x);
-  if (x.numel() > 0) launch_fwd(x.contiguous(), residual.contiguous(), w, y, h, rstd, eps);
-  return {y, h, rstd};
+  NormForward f = forward("add_rms_norm", x, residual, weight, eps);
+  return {f.y, f.h, f.rstd};
 }
 
 std::tuple<at::Tensor, std::optional<at::Tensor>> add_rms_norm_backward_cuda(
