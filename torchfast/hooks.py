@@ -271,9 +271,9 @@ class NonFiniteDetector(_Hooks):
     def attach(self) -> NonFiniteDetector:
         """Register the hooks (done by `with`)."""
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._check(name, "forward", 2)))
+            self._handles.append(module.register_forward_hook(self._check(name, "forward", 1)))
             if self.check_backward:
-                self._handles.append(module.register_full_backward_hook(self._check(name, "backward", 1)))
+                self._handles.append(module.register_full_backward_hook(self._check(name, "backward", 0)))
         return self
 
     def _check(self, name: str, phase: str, index: int):
