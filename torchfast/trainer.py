@@ -124,10 +124,12 @@ class Trainer:
     grad_clip: clip the total gradient norm (after unscaling) to this value; None: no clipping.
     accumulate: micro-batches per optimizer step (each loader batch is one micro-batch; the last
         step of an epoch takes what is left). Under DDP gradients are all-reduced once per step.
-    compile: torch.compile the (wrapped) model.
+    compile: torch.compile the (DDP-wrapped) model; a dict is passed to torch.compile as keyword
+        arguments (e.g. {"mode": "max-autotune"}). Checkpoints hold the plain module's state_dict.
     log_dir: TensorBoard scalars there (rank 0): train/loss, train/lr, train/grad_norm,
         train/samples_per_s, amp/scale, train/skipped_steps, val/loss. Needs the `tensorboard` package.
-    profile: profile steps 2-4 of the run with torchfast.profiling.profile into <log_dir>/profile.
+    profile: profile optimizer steps 3-5 of the run (after one skipped and one warm-up step) with
+        torchfast.profiling.profile, trace under <log_dir>/profile (rank 0).
     checkpoint_dir: write <checkpoint_dir>/checkpoint.pt (rank 0, atomically) at each epoch end and
         every `checkpoint_every` optimizer steps: model, optimizer, scaler, scheduler, epoch, position
         in the epoch, loss history and every rank's RNG state. fit(resume=True) continues from it.
@@ -144,7 +146,8 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, *,
-                 amp: str = "auto", grad_clip: float | None = None, accumulate: int = 1, compile: bool = False,
+                 amp: str = "auto", grad_clip: float | None = None, accumulate: int = 1,
+                 compile: bool | dict = False,
                  log_dir: str | Path | None = None, profile: bool = False,
                  checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                  scheduler: Any = None, detect_nonfinite: bool = False, progress: TextIO | None = sys.stderr,
@@ -157,7 +160,7 @@ class Trainer:
         self.model = tfdist.wrap(self.module)
         ddp = self.model if self.model is not self.module else None
         if compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, **(compile if isinstance(compile, dict) else {}))
         self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
         self.stepper = Stepper(self.model, optimizer, amp=self.policy, grad_clip=grad_clip, ddp=ddp)
         self.accumulate = accumulate
