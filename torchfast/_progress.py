@@ -18,8 +18,9 @@ class Progress:
     every tenth of the run, since carriage-return redraws turn into one unreadable line in a log.
     `stream=None` shows nothing."""
 
-    def __init__(self, total: int, stream: TextIO | None, desc: str = "train", unit: str = "step",
-                 initial: int = 0):
+    def __init__(
+        self, total: int, stream: TextIO | None, desc: str = "train", unit: str = "step", initial: int = 0
+    ):
         self.total, self.stream, self.desc, self.unit = total, stream, desc, unit
         self.every = max(1, total // 10)
         self.start = time.perf_counter()
@@ -28,8 +29,9 @@ class Progress:
         if stream is not None and isatty(stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, unit=unit, file=stream, dynamic_ncols=True
+            )
 
     def update(self, step: int, **postfix: str) -> None:
         """Step `step` (1-based, out of total) is done; `postfix` items are shown after the bar."""
@@ -38,13 +40,22 @@ class Progress:
             self.bar.update(step - self.bar.n)
             if step % 5 == 0 or step == self.total:
                 self.bar.set_postfix_str(text, refresh=False)
-        elif self.stream is not None and (step % self.every == 0 or step == self.total
-                                          or step == self.initial + 1):
+        elif self.stream is not None and (
+            step % self.every == 0 or step == self.total or step == self.initial + 1
+        ):
             from tqdm import tqdm
 
-            line = tqdm.format_meter(step, self.total, time.perf_counter() - self.start, ncols=100,
-                                     prefix=self.desc, ascii=True, unit=self.unit, postfix=text,
-                                     initial=self.initial)
+            line = tqdm.format_meter(
+                step,
+                self.total,
+                time.perf_counter() - self.start,
+                ncols=100,
+                prefix=self.desc,
+                ascii=True,
+                unit=self.unit,
+                postfix=text,
+                initial=self.initial,
+            )
             self.stream.write(line + "\n")
             self.stream.flush()
 

@@ -47,8 +47,17 @@ def _fp32_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
-def train_with_trainer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, global_batch: int, lr: float,
-                       amp: str, out: Path, progress: TextIO | None = None) -> TrainRun:
+def train_with_trainer(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    global_batch: int,
+    lr: float,
+    amp: str,
+    out: Path,
+    progress: TextIO | None = None,
+) -> TrainRun:
     """One epoch of AdamW on MSE over the samples (x, y) in global batches of `global_batch`, split
     evenly over the torchrun processes (without torchrun: one process, the whole batch), under the AMP
     policy `amp`, logging to <out>/tensorboard with a profiler trace of steps 2-4 when tensorboard is
@@ -74,6 +83,13 @@ def train_with_trainer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, gl
         trainer.close()
         files = trace_files(result.profile_dir) if result.profile_dir else []
         trace = str(files[-1]) if files else None
-    return TrainRun(losses=result.losses, seconds=result.seconds, world_size=world.world_size,
-                    per_rank_batch=per_rank, log_dir=str(log_dir) if log_dir else None, trace=trace,
-                    activations=table, note=note)
+    return TrainRun(
+        losses=result.losses,
+        seconds=result.seconds,
+        world_size=world.world_size,
+        per_rank_batch=per_rank,
+        log_dir=str(log_dir) if log_dir else None,
+        trace=trace,
+        activations=table,
+        note=note,
+    )

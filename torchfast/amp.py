@@ -39,7 +39,7 @@ class Policy:
 
     @property
     def mode(self) -> str:
-        """"bf16", "fp16" or "off"."""
+        """ "bf16", "fp16" or "off"."""
         return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[self.dtype]
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -63,8 +63,11 @@ def policy(device: torch.device | str | None = None, amp: str = "auto") -> Polic
     """
     if amp not in AMP_MODES:
         raise ValueError(f"torchfast.amp.policy: unknown amp mode {amp!r}; expected one of {AMP_MODES}")
-    dev = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if amp == "auto":
         if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
             amp = "fp16"
@@ -98,8 +101,9 @@ def split_batch(batch: Any) -> tuple[tuple, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise TypeError(
             "torchfast: a batch must be a tuple or list (input, ..., target) with at least two items; "
-            f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list))
-                                             else ""))
+            f"got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        )
     return tuple(batch[:-1]), batch[-1]
 
 
@@ -133,14 +137,22 @@ class Stepper:
     micro-batches have equal sizes.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, amp: str | Policy = "auto",
-                 device: torch.device | str | None = None, grad_clip: float | None = None,
-                 ddp: nn.Module | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        amp: str | Policy = "auto",
+        device: torch.device | str | None = None,
+        grad_clip: float | None = None,
+        ddp: nn.Module | None = None,
+    ):
         self.model, self.optimizer = model, optimizer
         self.policy = amp if isinstance(amp, Policy) else policy(device, amp)
         if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
-            raise ValueError(f"torchfast.amp.Stepper: grad_clip must be a positive number or None, "
-                             f"got {grad_clip!r}")
+            raise ValueError(
+                f"torchfast.amp.Stepper: grad_clip must be a positive number or None, " f"got {grad_clip!r}"
+            )
         self.grad_clip = grad_clip
         self.scaler = self.policy.make_scaler()
         from torch.nn.parallel import DistributedDataParallel
@@ -157,8 +169,12 @@ class Stepper:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
 
-    def step(self, micro_batches: Sequence[Any], loss_fn: Callable[..., torch.Tensor],
-             on_loss: Callable[[torch.Tensor], None] | None = None) -> StepResult:
+    def step(
+        self,
+        micro_batches: Sequence[Any],
+        loss_fn: Callable[..., torch.Tensor],
+        on_loss: Callable[[torch.Tensor], None] | None = None,
+    ) -> StepResult:
         """Run one optimizer step over `micro_batches` (each `(input, ..., target)` on the right device).
 
         `on_loss(loss)` is called with each micro-batch loss before backward (e.g. to stop on NaN).

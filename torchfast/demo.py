@@ -278,7 +278,7 @@ def format_summary(result: DemoResult, info: dict) -> str:
     if result.train_note:
         lines.append(f"  logs     {result.train_note}")
     if result.activations:
-        lines.append("  acts     activations of the trained model on one batch (torchfast.hooks.ActivationStats)")
+        lines.append("  acts     activations of the trained model (torchfast.hooks.ActivationStats)")
         lines += [f"           {line}" for line in result.activations.splitlines()]
     if result.onnx_path is not None:
         lines.append(f"  onnx     {result.onnx_path}  (verified in onnxruntime, dynamic batch; "

@@ -59,8 +59,10 @@ def _env_int(name: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise RuntimeError(f"torchfast.distributed.init: environment variable {name}={text!r} is not an "
-                           "integer; launch with torchrun, which sets it") from None
+        raise RuntimeError(
+            f"torchfast.distributed.init: environment variable {name}={text!r} is not an "
+            "integer; launch with torchrun, which sets it"
+        ) from None
 
 
 def _read_env(expected_world_size: int | None) -> tuple[int, int, int] | None:
@@ -69,24 +71,34 @@ def _read_env(expected_world_size: int | None) -> tuple[int, int, int] | None:
         return None
     missing = [k for k in _ENV if k not in os.environ]
     if missing:
-        raise RuntimeError(f"torchfast.distributed.init: {', '.join(present)} set but {', '.join(missing)} "
-                           "missing; launch with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK")
+        raise RuntimeError(
+            f"torchfast.distributed.init: {', '.join(present)} set but {', '.join(missing)} "
+            "missing; launch with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK"
+        )
     rank, world_size, local_rank = (_env_int(k) for k in _ENV)
     if world_size < 1 or not 0 <= rank < world_size:
         raise RuntimeError(f"torchfast.distributed.init: RANK={rank} is not in [0, WORLD_SIZE={world_size})")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if not 0 <= local_rank < local_world:
-        raise RuntimeError(f"torchfast.distributed.init: LOCAL_RANK={local_rank} is not in "
-                           f"[0, LOCAL_WORLD_SIZE={local_world})")
+        raise RuntimeError(
+            f"torchfast.distributed.init: LOCAL_RANK={local_rank} is not in "
+            f"[0, LOCAL_WORLD_SIZE={local_world})"
+        )
     if expected_world_size is not None and world_size != expected_world_size:
-        raise RuntimeError(f"torchfast.distributed.init: torchrun started WORLD_SIZE={world_size} processes "
-                           f"but world_size={expected_world_size} was expected; launch with "
-                           f"--nnodes x --nproc_per_node = {expected_world_size}")
+        raise RuntimeError(
+            f"torchfast.distributed.init: torchrun started WORLD_SIZE={world_size} processes "
+            f"but world_size={expected_world_size} was expected; launch with "
+            f"--nnodes x --nproc_per_node = {expected_world_size}"
+        )
     return rank, world_size, local_rank
 
 
-def init(backend: str | None = None, *, device: str | torch.device | None = None,
-         expected_world_size: int | None = None) -> World:
+def init(
+    backend: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    expected_world_size: int | None = None,
+) -> World:
     """Join the process group that `torchrun` describes in the environment, once per process.
 
     Without torchrun's variables this is a world of size 1 and nothing is initialised. The backend
@@ -98,8 +110,10 @@ def init(backend: str | None = None, *, device: str | torch.device | None = None
     global _world
     if _world is not None:
         if expected_world_size is not None and _world.world_size != expected_world_size:
-            raise RuntimeError(f"torchfast.distributed.init: the world has {_world.world_size} processes "
-                               f"but world_size={expected_world_size} was expected")
+            raise RuntimeError(
+                f"torchfast.distributed.init: the world has {_world.world_size} processes "
+                f"but world_size={expected_world_size} was expected"
+            )
         return _world
     env = _read_env(expected_world_size)
     if device is None:
@@ -107,8 +121,10 @@ def init(backend: str | None = None, *, device: str | torch.device | None = None
     dev = torch.device(device)
     if env is None:
         if expected_world_size not in (None, 1):
-            raise RuntimeError(f"torchfast.distributed.init: world_size={expected_world_size} was expected, "
-                               "but this process was not launched by torchrun (no RANK/WORLD_SIZE set)")
+            raise RuntimeError(
+                f"torchfast.distributed.init: world_size={expected_world_size} was expected, "
+                "but this process was not launched by torchrun (no RANK/WORLD_SIZE set)"
+            )
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         _world = World(device=dev)
@@ -116,18 +132,23 @@ def init(backend: str | None = None, *, device: str | torch.device | None = None
     rank, world_size, local_rank = env
     if dev.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"torchfast.distributed.init: LOCAL_RANK={local_rank} but only "
-                               f"{torch.cuda.device_count()} GPUs are visible; use --nproc_per_node <= that")
+            raise RuntimeError(
+                f"torchfast.distributed.init: LOCAL_RANK={local_rank} but only "
+                f"{torch.cuda.device_count()} GPUs are visible; use --nproc_per_node <= that"
+            )
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if not dist.is_initialized():
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                **kwargs)
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs
+        )
     elif dist.get_world_size() != world_size:
-        raise RuntimeError(f"torchfast.distributed.init: the existing process group has "
-                           f"{dist.get_world_size()} processes but WORLD_SIZE={world_size}")
+        raise RuntimeError(
+            f"torchfast.distributed.init: the existing process group has "
+            f"{dist.get_world_size()} processes but WORLD_SIZE={world_size}"
+        )
     _world = World(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
     return _world
 
@@ -152,8 +173,11 @@ def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor:
     """The mean of `value` over all ranks, as a new tensor (the input is left unchanged). A float is
     turned into a float64 tensor on the world's device; a world of size 1 returns a copy."""
     w = world()
-    t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(
-        float(value), dtype=torch.float64, device=w.device)
+    t = (
+        value.detach().clone()
+        if isinstance(value, torch.Tensor)
+        else torch.tensor(float(value), dtype=torch.float64, device=w.device)
+    )
     if w.distributed:
         # NCCL reduces only GPU tensors, Gloo only CPU ones: move to the world's device and back.
         moved = t.to(w.device)
@@ -199,8 +223,16 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus // max(1, local) - 1))
 
 
-def data_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, *, drop_last: bool = False,
-                num_workers: int | None = None, seed: int = 0, **kwargs: Any) -> DataLoader:
+def data_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    *,
+    drop_last: bool = False,
+    num_workers: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> DataLoader:
     """A DataLoader that gives each rank its own shard of `dataset`, through a DistributedSampler.
 
     `batch_size` is per process (the global batch is batch_size x world_size). The sampler is used
@@ -210,23 +242,28 @@ def data_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, *, drop
     when training on CUDA. Extra keyword arguments go to DataLoader.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"torchfast.distributed.data_loader: batch_size must be a positive int, "
-                         f"got {batch_size!r}")
+        raise ValueError(
+            f"torchfast.distributed.data_loader: batch_size must be a positive int, " f"got {batch_size!r}"
+        )
     try:
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError("torchfast.distributed.data_loader: dataset must be a map-style Dataset with a "
-                        f"length; got {type(dataset).__name__}") from None
+        raise TypeError(
+            "torchfast.distributed.data_loader: dataset must be a map-style Dataset with a "
+            f"length; got {type(dataset).__name__}"
+        ) from None
     if n == 0:
         raise ValueError("torchfast.distributed.data_loader: the dataset is empty")
     w = world()
-    sampler = DistributedSampler(dataset, num_replicas=w.world_size, rank=w.rank, shuffle=shuffle,
-                                 seed=seed, drop_last=drop_last)
+    sampler = DistributedSampler(
+        dataset, num_replicas=w.world_size, rank=w.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
     workers = default_num_workers() if num_workers is None else num_workers
     kwargs.setdefault("pin_memory", w.device.type == "cuda")
     kwargs.setdefault("persistent_workers", workers > 0)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=drop_last, **kwargs)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last, **kwargs
+    )
 
 
 def print_main(*args: Any, **kwargs: Any) -> None:

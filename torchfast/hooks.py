@@ -70,8 +70,10 @@ def _select(model: nn.Module, modules: Iterable[str] | None, who: str) -> dict[s
     unknown = [n for n in names if n not in named]
     if unknown:
         known = ", ".join(repr(n) for n in list(named)[:20])
-        raise ValueError(f"torchfast.hooks.{who}: no submodule named {unknown}; the model has {known}"
-                         + (" ..." if len(named) > 20 else ""))
+        raise ValueError(
+            f"torchfast.hooks.{who}: no submodule named {unknown}; the model has {known}"
+            + (" ..." if len(named) > 20 else "")
+        )
     return {n: named[n] for n in names}
 
 
@@ -128,8 +130,9 @@ def tensor_stats(t: torch.Tensor) -> TensorStats:
         else:
             mean = std = lo = hi = nan
         zeros = (x == 0).sum().item() / n if n else nan
-    return TensorStats(tuple(t.shape), str(t.dtype).removeprefix("torch."), mean, std, lo, hi, zeros,
-                       nonfinite)
+    return TensorStats(
+        tuple(t.shape), str(t.dtype).removeprefix("torch."), mean, std, lo, hi, zeros, nonfinite
+    )
 
 
 class ActivationStats(_Hooks):
@@ -167,12 +170,16 @@ class ActivationStats(_Hooks):
     def summary(self, file: TextIO | None = sys.stdout) -> str:
         """The table of recorded statistics, one module per line in execution order; printed to `file`
         (pass None to only get the string back)."""
-        head = (f"{'module':<24}{'shape':<18}{'dtype':<10}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}"
-                f"{'zeros':>8}{'nonfinite':>10}")
+        head = (
+            f"{'module':<24}{'shape':<18}{'dtype':<10}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}"
+            f"{'zeros':>8}{'nonfinite':>10}"
+        )
         lines = [head]
         for name, s in self.stats.items():
-            lines.append(f"{name or '(model)':<24}{str(list(s.shape)):<18}{s.dtype:<10}{s.mean:>10.4g}"
-                         f"{s.std:>10.4g}{s.min:>10.4g}{s.max:>10.4g}{s.zero_fraction:>8.3f}{s.nonfinite:>10}")
+            lines.append(
+                f"{name or '(model)':<24}{str(list(s.shape)):<18}{s.dtype:<10}{s.mean:>10.4g}"
+                f"{s.std:>10.4g}{s.min:>10.4g}{s.max:>10.4g}{s.zero_fraction:>8.3f}{s.nonfinite:>10}"
+            )
         if not self.stats:
             lines.append("(nothing recorded: run a forward pass inside the `with` block)")
         text = "\n".join(lines)
@@ -244,8 +251,10 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, module: str, phase: str, step: int, count: int, total: int):
         self.module, self.phase, self.step = module, phase, step
         what = "output" if phase == "forward" else "input gradient"
-        super().__init__(f"non-finite values in the {phase} {what} of module {module or '(model)'!r} at "
-                         f"step {step}: {count} of {total} elements are NaN or Inf")
+        super().__init__(
+            f"non-finite values in the {phase} {what} of module {module or '(model)'!r} at "
+            f"step {step}: {count} of {total} elements are NaN or Inf"
+        )
 
 
 class NonFiniteDetector(_Hooks):
@@ -259,8 +268,10 @@ class NonFiniteDetector(_Hooks):
     def __init__(self, model: nn.Module, *, check_backward: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"torchfast.hooks.NonFiniteDetector: model must be an nn.Module, "
-                            f"got {type(model).__name__}")
+            raise TypeError(
+                f"torchfast.hooks.NonFiniteDetector: model must be an nn.Module, "
+                f"got {type(model).__name__}"
+            )
         self.modules = dict(model.named_modules())
         self.check_backward = check_backward
         self.step = 0
@@ -304,7 +315,9 @@ class capture(_Hooks):  # noqa: N801  (used as a function: `with capture(model, 
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self.outputs[name] = output.detach() if self.detach and isinstance(output, torch.Tensor) else output
+            self.outputs[name] = (
+                output.detach() if self.detach and isinstance(output, torch.Tensor) else output
+            )
 
         return hook
 

@@ -29,10 +29,20 @@ def _check_count(name: str, value: int, minimum: int) -> None:
 
 
 @contextlib.contextmanager
-def profile(log_dir: str | Path, *, wait: int = 1, warmup: int = 1, active: int = 3,
-            record_shapes: bool = True, profile_memory: bool = True, with_stack: bool = False,
-            cuda: bool | None = None, top: int = 15, sort_by: str | None = None,
-            file: TextIO | None = sys.stdout) -> Iterator[torch.profiler.profile]:
+def profile(
+    log_dir: str | Path,
+    *,
+    wait: int = 1,
+    warmup: int = 1,
+    active: int = 3,
+    record_shapes: bool = True,
+    profile_memory: bool = True,
+    with_stack: bool = False,
+    cuda: bool | None = None,
+    top: int = 15,
+    sort_by: str | None = None,
+    file: TextIO | None = sys.stdout,
+) -> Iterator[torch.profiler.profile]:
     """`torch.profiler.profile` with a schedule (skip `wait` steps, warm up `warmup`, record `active`,
     once) and a `tensorboard_trace_handler(log_dir)` that writes one `*.pt.trace.json` per recorded
     window. Call `prof.step()` after each step. On exit prints the `top` ops by self time to `file`
@@ -49,14 +59,20 @@ def profile(log_dir: str | Path, *, wait: int = 1, warmup: int = 1, active: int 
         activities=activities,
         schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
         on_trace_ready=tensorboard_trace_handler(str(log_dir)),
-        record_shapes=record_shapes, profile_memory=profile_memory, with_stack=with_stack)
+        record_shapes=record_shapes,
+        profile_memory=profile_memory,
+        with_stack=with_stack,
+    )
     with prof:
         yield prof
     if file is not None:
         if prof.step_num < wait + warmup + active:
-            print(f"torchfast.profiling: {prof.step_num} steps profiled; the schedule needs "
-                  f"wait+warmup+active = {wait + warmup + active} prof.step() calls before a trace is "
-                  "written", file=file)
+            print(
+                f"torchfast.profiling: {prof.step_num} steps profiled; the schedule needs "
+                f"wait+warmup+active = {wait + warmup + active} prof.step() calls before a trace is "
+                "written",
+                file=file,
+            )
         else:
             key = sort_by or ("self_cuda_time_total" if use_cuda else "self_cpu_time_total")
             print(prof.key_averages().table(sort_by=key, row_limit=top), file=file)

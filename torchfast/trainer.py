@@ -45,9 +45,10 @@ def summary_writer(log_dir: str | Path, who: str = "torchfast") -> Any:
     try:
         import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it, and says so less clearly)
     except ImportError as e:
-        raise ImportError(f"{who}: logging to TensorBoard (log_dir=...) needs the 'tensorboard' package, "
-                          "which is not installed: pip install 'torchfast[train]' (or tensorboard>=2.14)"
-                          ) from e
+        raise ImportError(
+            f"{who}: logging to TensorBoard (log_dir=...) needs the 'tensorboard' package, "
+            "which is not installed: pip install 'torchfast[train]' (or tensorboard>=2.14)"
+        ) from e
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(log_dir))
@@ -76,9 +77,12 @@ def _rng_state() -> dict[str, Any]:
     import numpy as np
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             # The numpy state as a tensor, so torch.load(weights_only=True) can read it back.
-             "numpy": (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # The numpy state as a tensor, so torch.load(weights_only=True) can read it back.
+        "numpy": (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -145,13 +149,26 @@ class Trainer:
     parameters that are not the model's, accumulate < 1, an unknown amp mode, profile without log_dir.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, *,
-                 amp: str = "auto", grad_clip: float | None = None, accumulate: int = 1,
-                 compile: bool | dict = False,
-                 log_dir: str | Path | None = None, profile: bool = False,
-                 checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
-                 scheduler: Any = None, detect_nonfinite: bool = False, progress: TextIO | None = sys.stderr,
-                 device: str | torch.device | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Any,
+        *,
+        amp: str = "auto",
+        grad_clip: float | None = None,
+        accumulate: int = 1,
+        compile: bool | dict = False,
+        log_dir: str | Path | None = None,
+        profile: bool = False,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        scheduler: Any = None,
+        detect_nonfinite: bool = False,
+        progress: TextIO | None = sys.stderr,
+        device: str | torch.device | None = None,
+        world_size: int | None = None,
+    ):
         self._check_args(model, optimizer, loss_fn, amp, accumulate, profile, log_dir, checkpoint_every)
         self.world = tfdist.init(device=device, expected_world_size=world_size)
         self.device = self.world.device
@@ -181,28 +198,38 @@ class Trainer:
             raise TypeError(f"torchfast.Trainer: model must be an nn.Module, got {type(model).__name__}")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("torchfast.Trainer: the model has no trainable parameters (none with "
-                             "requires_grad=True); there is nothing to train")
+            raise ValueError(
+                "torchfast.Trainer: the model has no trainable parameters (none with "
+                "requires_grad=True); there is nothing to train"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError("torchfast.Trainer: optimizer must be a torch.optim.Optimizer built on "
-                            f"model.parameters(), got {type(optimizer).__name__}")
+            raise TypeError(
+                "torchfast.Trainer: optimizer must be a torch.optim.Optimizer built on "
+                f"model.parameters(), got {type(optimizer).__name__}"
+            )
         own = {id(p) for p in model.parameters()}
         foreign = sum(id(p) not in own for g in optimizer.param_groups for p in g["params"])
         if foreign:
-            raise ValueError(f"torchfast.Trainer: the optimizer holds {foreign} parameters that are not the "
-                             "model's; build it on model.parameters()")
+            raise ValueError(
+                f"torchfast.Trainer: the optimizer holds {foreign} parameters that are not the "
+                "model's; build it on model.parameters()"
+            )
         if not callable(loss_fn):
             raise TypeError(f"torchfast.Trainer: loss_fn must be callable(output, target), got {loss_fn!r}")
         if amp not in AMP_MODES:
             raise ValueError(f"torchfast.Trainer: unknown amp mode {amp!r}; expected one of {AMP_MODES}")
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-            raise ValueError(f"torchfast.Trainer: accumulate must be an int >= 1 (micro-batches per "
-                             f"optimizer step), got {accumulate!r}")
+            raise ValueError(
+                f"torchfast.Trainer: accumulate must be an int >= 1 (micro-batches per "
+                f"optimizer step), got {accumulate!r}"
+            )
         if profile and log_dir is None:
             raise ValueError("torchfast.Trainer: profile=True writes its trace under log_dir; give a log_dir")
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-            raise ValueError(f"torchfast.Trainer: checkpoint_every must be an int >= 1 or None, "
-                             f"got {checkpoint_every!r}")
+            raise ValueError(
+                f"torchfast.Trainer: checkpoint_every must be an int >= 1 or None, "
+                f"got {checkpoint_every!r}"
+            )
 
     # -------------------------------------------------------------------------------------------
     # data
@@ -210,20 +237,26 @@ class Trainer:
     def _loader(self, data: Any, batch_size: int | None, shuffle: bool, what: str) -> DataLoader:
         if isinstance(data, DataLoader):
             if self.world.distributed and not isinstance(data.sampler, DistributedSampler):
-                raise ValueError(f"torchfast.Trainer.fit: {what} is a DataLoader without a DistributedSampler, "
-                                 "so every rank would train on the same batches; build it with "
-                                 "torchfast.distributed.data_loader(dataset, batch_size)")
+                raise ValueError(
+                    f"torchfast.Trainer.fit: {what} is a DataLoader without a DistributedSampler, "
+                    "so every rank would train on the same batches; build it with "
+                    "torchfast.distributed.data_loader(dataset, batch_size)"
+                )
             loader = data
         elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
             if len(data) == 0:
                 raise ValueError(f"torchfast.Trainer.fit: {what} is empty (0 samples)")
             if batch_size is None:
-                raise ValueError(f"torchfast.Trainer.fit: {what} is a Dataset; give batch_size= (per process) "
-                                 "or pass a DataLoader")
+                raise ValueError(
+                    f"torchfast.Trainer.fit: {what} is a Dataset; give batch_size= (per process) "
+                    "or pass a DataLoader"
+                )
             loader = tfdist.data_loader(data, batch_size, shuffle=shuffle)
         else:
-            raise TypeError(f"torchfast.Trainer.fit: {what} must be a map-style Dataset or a DataLoader, "
-                            f"got {type(data).__name__}")
+            raise TypeError(
+                f"torchfast.Trainer.fit: {what} must be a map-style Dataset or a DataLoader, "
+                f"got {type(data).__name__}"
+            )
         if len(loader) == 0:
             raise ValueError(f"torchfast.Trainer.fit: {what} is empty (0 batches)")
         return loader
@@ -246,12 +279,19 @@ class Trainer:
             dist.all_gather_object(rngs, _rng_state())
         if self.world.is_main:
             state = {
-                "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
                 "scaler": self.stepper.scaler.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "epoch": epoch, "batch": batch, "step": self.step, "losses": self.losses,
-                "val_losses": self.val_losses, "skipped_steps": self.stepper.skipped_steps,
-                "world_size": self.world.world_size, "accumulate": self.accumulate, "rng": rngs,
+                "epoch": epoch,
+                "batch": batch,
+                "step": self.step,
+                "losses": self.losses,
+                "val_losses": self.val_losses,
+                "skipped_steps": self.stepper.skipped_steps,
+                "world_size": self.world.world_size,
+                "accumulate": self.accumulate,
+                "rng": rngs,
             }
             save_atomic(state, self.checkpoint_path)
         return self.checkpoint_path
@@ -260,13 +300,17 @@ class Trainer:
         path = self.checkpoint_path
         state = torch.load(path, map_location=self.device, weights_only=True)
         if state["world_size"] != self.world.world_size:
-            raise RuntimeError(f"torchfast.Trainer.fit(resume=True): {path} was written by "
-                               f"{state['world_size']} processes but this run has world size "
-                               f"{self.world.world_size}; resume with the same torchrun --nproc_per_node "
-                               "(the data order and RNG streams depend on it)")
+            raise RuntimeError(
+                f"torchfast.Trainer.fit(resume=True): {path} was written by "
+                f"{state['world_size']} processes but this run has world size "
+                f"{self.world.world_size}; resume with the same torchrun --nproc_per_node "
+                "(the data order and RNG streams depend on it)"
+            )
         if state["accumulate"] != self.accumulate:
-            raise ValueError(f"torchfast.Trainer.fit(resume=True): {path} was trained with accumulate="
-                             f"{state['accumulate']}, this Trainer has accumulate={self.accumulate}")
+            raise ValueError(
+                f"torchfast.Trainer.fit(resume=True): {path} was trained with accumulate="
+                f"{state['accumulate']}, this Trainer has accumulate={self.accumulate}"
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.stepper.scaler.load_state_dict(state["scaler"])
@@ -292,10 +336,18 @@ class Trainer:
             raise NonFiniteLossError(
                 f"torchfast.Trainer: the loss is {loss.detach().float().item()} at step {self.step + 1}; "
                 "training stopped. Trainer(detect_nonfinite=True) names the first module that produced "
-                "NaN/Inf")
+                "NaN/Inf"
+            )
 
-    def fit(self, train_data: Any, epochs: int, val_data: Any = None, *, batch_size: int | None = None,
-            resume: bool = False) -> FitResult:
+    def fit(
+        self,
+        train_data: Any,
+        epochs: int,
+        val_data: Any = None,
+        *,
+        batch_size: int | None = None,
+        resume: bool = False,
+    ) -> FitResult:
         """Train for `epochs` epochs over `train_data` (a DataLoader, or a Dataset with `batch_size` per
         process), evaluating `val_data` after each epoch. resume=True continues from the checkpoint in
         checkpoint_dir when there is one (the same final weights as an uninterrupted run), else starts
@@ -364,12 +416,19 @@ class Trainer:
             if writer is not None:
                 writer.flush()
         seconds = time.perf_counter() - t0
-        return FitResult(steps=self.step, epochs=epochs, losses=list(self.losses),
-                         val_losses=list(self.val_losses), skipped_steps=self.stepper.skipped_steps,
-                         seconds=seconds, samples_per_s=samples / seconds if seconds > 0 else 0.0,
-                         resumed_from=resumed_from, log_dir=str(self.log_dir) if self.log_dir else None,
-                         profile_dir=str(profile_dir) if profile_dir else None,
-                         checkpoint=str(self.checkpoint_path) if self.checkpoint_path else None)
+        return FitResult(
+            steps=self.step,
+            epochs=epochs,
+            losses=list(self.losses),
+            val_losses=list(self.val_losses),
+            skipped_steps=self.stepper.skipped_steps,
+            seconds=seconds,
+            samples_per_s=samples / seconds if seconds > 0 else 0.0,
+            resumed_from=resumed_from,
+            log_dir=str(self.log_dir) if self.log_dir else None,
+            profile_dir=str(profile_dir) if profile_dir else None,
+            checkpoint=str(self.checkpoint_path) if self.checkpoint_path else None,
+        )
 
     def _train_step(self, group: list[Any], writer: Any, detector: Any, t0: float, samples: int) -> int:
         if hasattr(detector, "step"):
@@ -388,7 +447,9 @@ class Trainer:
             writer.add_scalar("train/loss", loss, self.step)
             writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.step)
             writer.add_scalar("train/grad_norm", result.grad_norm, self.step)
-            writer.add_scalar("train/samples_per_s", (samples + n) / elapsed if elapsed > 0 else 0.0, self.step)
+            writer.add_scalar(
+                "train/samples_per_s", (samples + n) / elapsed if elapsed > 0 else 0.0, self.step
+            )
             writer.add_scalar("amp/scale", result.scale, self.step)
             writer.add_scalar("train/skipped_steps", self.stepper.skipped_steps, self.step)
         return n
@@ -407,8 +468,9 @@ class Trainer:
             with self.policy.autocast():
                 loss = self.loss_fn(self.model(*inputs), target)
             k = _batch_len(batch)
-            total += torch.stack([loss.detach().double() * k, torch.tensor(k, dtype=torch.float64,
-                                                                          device=self.device)])
+            total += torch.stack(
+                [loss.detach().double() * k, torch.tensor(k, dtype=torch.float64, device=self.device)]
+            )
         if self.world.distributed:
             total = tfdist.all_reduce_mean(total)
         return (total[0] / total[1]).item()

@@ -36,8 +36,16 @@ def train(data: TensorDataset, batch_size: int, accumulate: int, **trainer_kwarg
     shuffled, sharded loader; returns the trained (unwrapped) model."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    trainer = torchfast.Trainer(model, opt, nn.functional.mse_loss, amp="off", accumulate=accumulate,
-                                grad_clip=1.0, progress=None, **trainer_kwargs)
+    trainer = torchfast.Trainer(
+        model,
+        opt,
+        nn.functional.mse_loss,
+        amp="off",
+        accumulate=accumulate,
+        grad_clip=1.0,
+        progress=None,
+        **trainer_kwargs,
+    )
     loader = torchfast.distributed.data_loader(data, batch_size, shuffle=True, num_workers=0, seed=3)
     trainer.fit(loader, EPOCHS)
     return model

@@ -16,9 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.train.common import CONFIGS, dataset, train  # noqa: E402
-
 import torchfast  # noqa: E402
+from tests.train.common import CONFIGS, dataset, train  # noqa: E402
 from torchfast import cli  # noqa: E402
 
 torch.set_num_threads(1)
@@ -30,8 +29,9 @@ for name, (per_rank_batch, accumulate) in CONFIGS.items():
     model = train(dataset(), per_rank_batch, accumulate)
     torch.save(model.state_dict(), out / f"{name}-rank{world.rank}.pt")
 torchfast.distributed.barrier()
-torchfast.distributed.print_main(f"DDP-OK world_size={world.world_size} ({time.perf_counter() - t0:.1f} s)",
-                                 flush=True)
+torchfast.distributed.print_main(
+    f"DDP-OK world_size={world.world_size} ({time.perf_counter() - t0:.1f} s)", flush=True
+)
 code = cli.main(["demo", *sys.argv[2:]]) if len(sys.argv) > 2 else 0
 torchfast.distributed.cleanup()
 sys.exit(code)

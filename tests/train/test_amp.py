@@ -28,7 +28,9 @@ def test_policy_per_device(monkeypatch):
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError, match=r"torchfast.amp.policy: unknown amp mode 'fp8'.*'bf16', 'fp16', 'off'"):
+    with pytest.raises(
+        ValueError, match=r"torchfast.amp.policy: unknown amp mode 'fp8'.*'bf16', 'fp16', 'off'"
+    ):
         amp.policy("cpu", "fp8")
 
 
@@ -54,7 +56,9 @@ def test_unscale_before_clip_fp16():
     # A small loss factor keeps the scaled fp16 gradients finite (the first scale is 65536).
     result = stepper.step([batch], _sum_loss(1e-3))
     assert not result.skipped and result.grad_norm > 0.03  # the true norm is well above the clip
-    moved = torch.linalg.vector_norm(torch.stack([(p - b).norm() for p, b in zip(model.parameters(), before)]))
+    moved = torch.linalg.vector_norm(
+        torch.stack([(p - b).norm() for p, b in zip(model.parameters(), before)])
+    )
     assert moved.item() == pytest.approx(0.01, rel=1e-3)
     # The reported norm is the unscaled one: compare with the fp32-autocast-free gradient norm.
     ref = _linear()

@@ -31,7 +31,10 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, timeout: int = 240) -> subpr
 
 
 def explain(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+    return (
+        f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n"
+        f"--- stderr ---\n{proc.stderr[-4000:]}"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +48,15 @@ def _fresh_world():
 def torchrun_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """One torchrun launch, 2 CPU processes: the DDP trainings of CONFIGS, then `torchfast demo`."""
     out = tmp_path_factory.mktemp("ddp")
-    proc = torchrun(str(ROOT / "tests" / "train" / "ddp_script.py"), str(out),
-                    "--steps", "60", "--out", str(out / "demo"), cwd=out)
+    proc = torchrun(
+        str(ROOT / "tests" / "train" / "ddp_script.py"),
+        str(out),
+        "--steps",
+        "60",
+        "--out",
+        str(out / "demo"),
+        cwd=out,
+    )
     assert proc.returncode == 0 and "DDP-OK world_size=2" in proc.stdout, explain(proc)
     return out, proc
 
@@ -71,8 +81,13 @@ def test_torchrun_two_processes_match_one_process(ddp_weights: Path, config: str
     per_rank, accumulate = CONFIGS[config]
     single = train(dataset(), 2 * per_rank, accumulate).state_dict()
     for name in rank0:
-        torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-5,
-                                   msg=lambda m, n=name: f"{config}: {n}: DDP vs one process: {m}")
+        torch.testing.assert_close(
+            rank0[name],
+            single[name],
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m, n=name: f"{config}: {n}: DDP vs one process: {m}",
+        )
     # and the run moved the weights at all (the comparison is not between two untrained models)
     untrained = make_model().state_dict()
     assert (rank0["0.weight"] - untrained["0.weight"]).abs().max() > 1e-2
@@ -102,12 +117,16 @@ def test_without_torchrun_is_a_world_of_one(monkeypatch):
     assert len(loader) == 4 and isinstance(loader.sampler, torch.utils.data.DistributedSampler)
 
 
-@pytest.mark.parametrize("env, match", [
-    ({"RANK": "0"}, "WORLD_SIZE, LOCAL_RANK missing"),
-    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, r"RANK=2 is not in \[0, WORLD_SIZE=2\)"),
-    ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='x' is not an integer"),
-    ({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}, "WORLD_SIZE=3 processes but world_size=2"),
-], ids=["partial", "rank-out-of-range", "not-an-int", "world-size-mismatch"])
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"RANK": "0"}, "WORLD_SIZE, LOCAL_RANK missing"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, r"RANK=2 is not in \[0, WORLD_SIZE=2\)"),
+        ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='x' is not an integer"),
+        ({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}, "WORLD_SIZE=3 processes but world_size=2"),
+    ],
+    ids=["partial", "rank-out-of-range", "not-an-int", "world-size-mismatch"],
+)
 def test_bad_torchrun_environment(monkeypatch, env, match):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
@@ -123,8 +142,9 @@ def test_trainer_world_size_without_torchrun(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     model = torch.nn.Linear(2, 2)
     with pytest.raises(RuntimeError, match="world_size=2 was expected, but this process was not launched"):
-        torchfast.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.mse_loss,
-                          world_size=2)
+        torchfast.Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), torch.nn.functional.mse_loss, world_size=2
+        )
 
 
 def test_data_loader_bad_input():
@@ -140,11 +160,11 @@ def test_demo_under_torchrun(torchrun_run):
     out, proc = torchrun_run
     assert proc.stdout.count("torchfast demo: OK") == 1, explain(proc)
     assert proc.stdout.count("torchfast demo: training") == 1, proc.stdout
-    assert re.search(r"^\s+train\s+60 steps.*2 processes \(DDP, batch 128 each\)", proc.stdout, re.MULTILINE), \
-        proc.stdout
+    assert re.search(
+        r"^\s+train\s+60 steps.*2 processes \(DDP, batch 128 each\)", proc.stdout, re.MULTILINE
+    ), proc.stdout
     start, end = map(float, re.search(r"loss\s+start ([\d.]+) -> end ([\d.]+)", proc.stdout).groups())
     assert end < 0.5 * start
     assert (out / "demo" / "torchfast_demo_mlp.onnx").is_file()
     assert list((out / "demo" / "tensorboard").glob("events.out.tfevents.*"))
     assert re.search(r"train: 100%.*60/60", proc.stderr), proc.stderr[-2000:]
-

@@ -9,16 +9,23 @@ import torch
 from torch import nn
 
 import torchfast
-from torchfast.hooks import ActivationStats, GradientStats, NonFiniteDetector, NonFiniteError, capture, count_hooks
+from torchfast.hooks import (
+    ActivationStats,
+    GradientStats,
+    NonFiniteDetector,
+    NonFiniteError,
+    capture,
+    count_hooks,
+)
 
 
 def make_model() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        torchfast.nn.Linear(8, 16, activation="swish"),   # "0"
-        torchfast.nn.RMSNorm(16),                          # "1"
-        nn.ReLU(),                                         # "2"  (a torch.nn module)
-        nn.Linear(16, 4),                                  # "3"
+        torchfast.nn.Linear(8, 16, activation="swish"),  # "0"
+        torchfast.nn.RMSNorm(16),  # "1"
+        nn.ReLU(),  # "2"  (a torch.nn module)
+        nn.Linear(16, 4),  # "3"
     )
 
 
@@ -137,7 +144,9 @@ def test_capture_returns_named_activations():
         out = model(x)
     assert set(acts) == {"0", "3"} and count_hooks(model) == 0
     torch.testing.assert_close(acts["3"], out.detach())
-    torch.testing.assert_close(acts["0"], torchfast.bias_act(x @ model[0].weight.T, model[0].bias, act="swish"))
+    torch.testing.assert_close(
+        acts["0"], torchfast.bias_act(x @ model[0].weight.T, model[0].bias, act="swish")
+    )
     assert not acts["0"].requires_grad
     with pytest.raises(ValueError, match="capture: no submodule named"):
         capture(model, ["4"])

@@ -15,7 +15,9 @@ from torchfast.profiling import detect_anomaly, profile, trace_files
 
 
 def make_model() -> nn.Module:
-    return nn.Sequential(torchfast.nn.Linear(8, 16, activation="swish"), torchfast.nn.RMSNorm(16), nn.Linear(16, 2))
+    return nn.Sequential(
+        torchfast.nn.Linear(8, 16, activation="swish"), torchfast.nn.RMSNorm(16), nn.Linear(16, 2)
+    )
 
 
 def test_trace_names_torchfast_ops(tmp_path):
@@ -28,9 +30,15 @@ def test_trace_names_torchfast_ops(tmp_path):
             prof.step()
     (trace,) = trace_files(tmp_path)
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
-    for op in ("torchfast::bias_act", "torchfast::bias_act_backward", "torchfast::rms_norm",
-               "torchfast::rms_norm_backward"):
-        assert op in names, f"{op} not in the trace; torchfast names there: {sorted(n for n in names if n and 'torchfast' in n)}"
+    for op in (
+        "torchfast::bias_act",
+        "torchfast::bias_act_backward",
+        "torchfast::rms_norm",
+        "torchfast::rms_norm_backward",
+    ):
+        assert (
+            op in names
+        ), f"{op} not in the trace; it has {sorted(n for n in names if n and 'torchfast' in n)}"
     assert "torchfast::rms_norm" in table.getvalue() and "Self CPU" in table.getvalue()
 
 
@@ -42,8 +50,10 @@ def test_too_few_steps_says_so(tmp_path):
     assert trace_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("kwargs, match", [({"active": 0}, "active must be an int >= 1"),
-                                           ({"wait": -1}, "wait must be an int >= 0")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"active": 0}, "active must be an int >= 1"), ({"wait": -1}, "wait must be an int >= 0")],
+)
 def test_bad_schedule(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=f"torchfast.profiling.profile: {match}"):
         with profile(tmp_path, **kwargs):

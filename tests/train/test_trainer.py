@@ -52,14 +52,25 @@ def run(tmp_path, *, crash_after: int | None = None, resume: bool = False, seed:
     model = make_model(seed=seed, dropout=0.2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
-    trainer = Trainer(model, opt, crashing_mse(crash_after), amp=amp, accumulate=2, grad_clip=1.0,
-                      checkpoint_dir=tmp_path / "ckpt", checkpoint_every=3, scheduler=sched, progress=None)
+    trainer = Trainer(
+        model,
+        opt,
+        crashing_mse(crash_after),
+        amp=amp,
+        accumulate=2,
+        grad_clip=1.0,
+        checkpoint_dir=tmp_path / "ckpt",
+        checkpoint_every=3,
+        scheduler=sched,
+        progress=None,
+    )
     loader = tfdist.data_loader(dataset(), 8, shuffle=True, num_workers=0)
     return model, trainer.fit(loader, 3, resume=resume)
 
 
-@pytest.mark.parametrize("crash_after, amp", [(13, "off"), (9, "fp16")],
-                         ids=["mid-epoch-checkpoint", "epoch-end-checkpoint-fp16"])
+@pytest.mark.parametrize(
+    "crash_after, amp", [(13, "off"), (9, "fp16")], ids=["mid-epoch-checkpoint", "epoch-end-checkpoint-fp16"]
+)
 def test_resume_after_a_crash_gives_the_same_weights(tmp_path, crash_after, amp):
     """Crash in step 7 (last checkpoint: step 6, mid-epoch) or step 5 (last: step 4, an epoch end),
     then resume with a freshly initialised model: the final weights equal an uninterrupted run's."""
@@ -96,13 +107,21 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.mse_loss, amp="off",
-                      checkpoint_dir=tmp_path / "ckpt", progress=None)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.mse_loss,
+        amp="off",
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=None,
+    )
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint(epoch=9, batch=0)
     monkeypatch.setattr(torch, "save", real_save)
     again = torch.load(path, weights_only=True)
-    assert again["epoch"] == good["epoch"] == 3 and torch.equal(again["model"]["0.weight"], good["model"]["0.weight"])
+    assert again["epoch"] == good["epoch"] == 3 and torch.equal(
+        again["model"]["0.weight"], good["model"]["0.weight"]
+    )
     assert sorted(p.name for p in path.parent.iterdir()) == [CHECKPOINT_NAME]
 
 
@@ -112,15 +131,28 @@ def test_tensorboard_scalars_and_progress(tmp_path):
 
     model = make_model()
     progress = io.StringIO()
-    trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nn.functional.mse_loss,
-                      amp="bf16", log_dir=tmp_path / "tb", progress=progress)
+    trainer = Trainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        nn.functional.mse_loss,
+        amp="bf16",
+        log_dir=tmp_path / "tb",
+        progress=progress,
+    )
     result = trainer.fit(dataset(), 2, val_data=dataset(seed=5), batch_size=16)
     trainer.close()
     ev = EventAccumulator(str(tmp_path / "tb"))
     ev.Reload()
     tags = set(ev.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "amp/scale",
-            "train/skipped_steps", "val/loss"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "amp/scale",
+        "train/skipped_steps",
+        "val/loss",
+    } <= tags
     losses = [e.value for e in ev.Scalars("train/loss")]
     assert [e.step for e in ev.Scalars("train/loss")] == list(range(1, 9))
     assert losses == pytest.approx(result.losses, rel=1e-6)
@@ -133,8 +165,13 @@ def test_tensorboard_scalars_and_progress(tmp_path):
 def test_missing_tensorboard_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes `import tensorboard` fail
     model = make_model()
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.mse_loss,
-                      log_dir=tmp_path, progress=None)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.mse_loss,
+        log_dir=tmp_path,
+        progress=None,
+    )
     with pytest.raises(ImportError, match=r"needs the 'tensorboard' package.*torchfast\[train\]"):
         trainer.fit(dataset(), 1, batch_size=16)
 
@@ -145,15 +182,22 @@ def test_nan_loss_stops_training(tmp_path):
     x = x.clone()
     x[20, 0] = float("nan")  # in the second batch of 16 (no shuffle)
     data = tfdist.data_loader(TensorDataset(x, y), 16, shuffle=False, num_workers=0)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.mse_loss,
-                      amp="off", progress=None)
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.mse_loss, amp="off", progress=None
+    )
     with pytest.raises(NonFiniteLossError, match="the loss is nan at step 2"):
         trainer.fit(data, 1)
     assert torch.isfinite(model[0].weight).all()  # the NaN never reached the weights
     tfdist.cleanup()
     model = make_model()
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.mse_loss,
-                      amp="off", progress=None, detect_nonfinite=True)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.mse_loss,
+        amp="off",
+        progress=None,
+        detect_nonfinite=True,
+    )
     with pytest.raises(NonFiniteError, match="forward output of module '0' at step 2"):
         trainer.fit(data, 1)
     assert torchfast.hooks.count_hooks(model) == 0
@@ -163,29 +207,46 @@ def test_compile(tmp_path):
     """compile= passes its options to torch.compile (aot_eager: traced through Dynamo and AOTAutograd
     without generating code, to stay fast); training matches eager."""
     eager = make_model()
-    Trainer(eager, torch.optim.SGD(eager.parameters(), lr=0.1), nn.functional.mse_loss, amp="off",
-            progress=None).fit(dataset(), 1, batch_size=32)
+    Trainer(
+        eager, torch.optim.SGD(eager.parameters(), lr=0.1), nn.functional.mse_loss, amp="off", progress=None
+    ).fit(dataset(), 1, batch_size=32)
     compiled = make_model()
-    trainer = Trainer(compiled, torch.optim.SGD(compiled.parameters(), lr=0.1), nn.functional.mse_loss,
-                      amp="off", progress=None, compile={"backend": "aot_eager", "fullgraph": True})
+    trainer = Trainer(
+        compiled,
+        torch.optim.SGD(compiled.parameters(), lr=0.1),
+        nn.functional.mse_loss,
+        amp="off",
+        progress=None,
+        compile={"backend": "aot_eager", "fullgraph": True},
+    )
     trainer.fit(dataset(), 1, batch_size=32)
     assert trainer.model is not compiled
     torch.testing.assert_close(compiled.state_dict(), eager.state_dict(), rtol=1e-5, atol=1e-6)
 
 
 def _trainer(model, **kwargs):
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1) if list(model.parameters()) else
-                   torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), nn.functional.mse_loss,
-                   progress=None, **kwargs)
+    return Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1)
+        if list(model.parameters())
+        else torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+        nn.functional.mse_loss,
+        progress=None,
+        **kwargs,
+    )
 
 
-@pytest.mark.parametrize("make, kwargs, error, match", [
-    (lambda: nn.ReLU(), {}, ValueError, "the model has no trainable parameters"),
-    (make_model, {"accumulate": 0}, ValueError, "accumulate must be an int >= 1"),
-    (make_model, {"amp": "fp8"}, ValueError, r"unknown amp mode 'fp8'"),
-    (make_model, {"profile": True}, ValueError, "profile=True writes its trace under log_dir"),
-    (make_model, {"world_size": 4}, RuntimeError, "world_size=4 was expected"),
-], ids=["no-parameters", "accumulate-0", "unknown-amp", "profile-without-log-dir", "world-size"])
+@pytest.mark.parametrize(
+    "make, kwargs, error, match",
+    [
+        (lambda: nn.ReLU(), {}, ValueError, "the model has no trainable parameters"),
+        (make_model, {"accumulate": 0}, ValueError, "accumulate must be an int >= 1"),
+        (make_model, {"amp": "fp8"}, ValueError, r"unknown amp mode 'fp8'"),
+        (make_model, {"profile": True}, ValueError, "profile=True writes its trace under log_dir"),
+        (make_model, {"world_size": 4}, RuntimeError, "world_size=4 was expected"),
+    ],
+    ids=["no-parameters", "accumulate-0", "unknown-amp", "profile-without-log-dir", "world-size"],
+)
 def test_bad_trainer_arguments(make, kwargs, error, match):
     with pytest.raises(error, match=f"torchfast.(Trainer|distributed.init): .*{match}"):
         _trainer(make(), **kwargs)
@@ -196,12 +257,24 @@ def test_optimizer_of_another_model():
         Trainer(make_model(), torch.optim.SGD(make_model().parameters(), lr=0.1), nn.functional.mse_loss)
 
 
-@pytest.mark.parametrize("data, kwargs, match", [
-    (TensorDataset(torch.zeros(0, 8), torch.zeros(0, 4)), {"batch_size": 4}, r"train_data is empty \(0 samples\)"),
-    (DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, 4)), batch_size=4), {}, r"train_data is empty \(0 batches\)"),
-    (dataset(), {}, "train_data is a Dataset; give batch_size="),
-    ([1, 2, 3], {"batch_size": 2}, None),
-], ids=["empty-dataset", "empty-loader", "no-batch-size", "list"])
+@pytest.mark.parametrize(
+    "data, kwargs, match",
+    [
+        (
+            TensorDataset(torch.zeros(0, 8), torch.zeros(0, 4)),
+            {"batch_size": 4},
+            r"train_data is empty \(0 samples\)",
+        ),
+        (
+            DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, 4)), batch_size=4),
+            {},
+            r"train_data is empty \(0 batches\)",
+        ),
+        (dataset(), {}, "train_data is a Dataset; give batch_size="),
+        ([1, 2, 3], {"batch_size": 2}, None),
+    ],
+    ids=["empty-dataset", "empty-loader", "no-batch-size", "list"],
+)
 def test_bad_fit_data(data, kwargs, match):
     trainer = _trainer(make_model())
     if match is None:  # a list has __getitem__/__len__, but its items are no (input, target) batches
