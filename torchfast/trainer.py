@@ -400,7 +400,8 @@ class Trainer:
                         group = [move_batch(b, self.device) for b in islice(it, size)]
                         done += size
                         samples += self._train_step(group, writer, detector, t0, samples)
-                        bar.update(self.step, loss=f"{self.losses[-1]:.4f}")
+                        rate = samples / max(time.perf_counter() - t0, 1e-9)
+                        bar.update(self.step, loss=f"{self.losses[-1]:.4f}", samples_s=f"{rate:,.0f}")
                         if prof is not None:
                             prof.step()
                         if self.checkpoint_every and self.step % self.checkpoint_every == 0 and done < n:

@@ -5,6 +5,7 @@ the Trainer under torchrun)."""
 from __future__ import annotations
 
 import io
+import re
 import sys
 
 import pytest
@@ -159,7 +160,8 @@ def test_tensorboard_scalars_and_progress(tmp_path):
     assert [e.value for e in ev.Scalars("val/loss")] == pytest.approx(result.val_losses, rel=1e-6)
     assert all(e.value > 0 for e in ev.Scalars("train/samples_per_s"))
     assert result.val_losses[-1] < result.val_losses[0] * 1.5  # sane, finite
-    assert "train: 100%" in progress.getvalue() and "8/8" in progress.getvalue()
+    last = progress.getvalue().splitlines()[-1]
+    assert "train: 100%" in last and "8/8" in last and re.search(r"loss=[\d.]+, samples_s=[\d,]+", last), last
 
 
 def test_missing_tensorboard_is_named(tmp_path, monkeypatch):
