@@ -366,7 +366,8 @@ class Trainer:
             start_epoch, skip, resumed_from = state["epoch"], state["batch"], str(self.checkpoint_path)
             rng = state["rng"][self.world.rank]
         writer = self._writer_for_run()
-        bar = Progress(epochs * steps_per_epoch, self.progress, initial=self.step)
+        remaining = max(0, epochs - start_epoch) * steps_per_epoch - math.ceil(skip / self.accumulate)
+        bar = Progress(self.step + remaining, self.progress, initial=self.step)
         detector = contextlib.nullcontext()
         if self.detect_nonfinite:
             from torchfast.hooks import NonFiniteDetector
