@@ -31,9 +31,12 @@ def dataset(seed: int = 1) -> TensorDataset:
     return TensorDataset(x, torch.tanh(x[:, :D_OUT] * 2) + 0.1 * torch.randn(N_SAMPLES, D_OUT, generator=g))
 
 
-def train(data: TensorDataset, batch_size: int, accumulate: int, **trainer_kwargs) -> nn.Module:
+def train(
+    data: TensorDataset, batch_size: int, accumulate: int, on_trainer=None, **trainer_kwargs
+) -> nn.Module:
     """EPOCHS epochs of AdamW in float32 (amp off: the comparison is at fp32 tolerance) over a
-    shuffled, sharded loader; returns the trained (unwrapped) model."""
+    shuffled, sharded loader; returns the trained (unwrapped) model. `on_trainer(trainer)` is called
+    before fit (to add a DDP communication hook)."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     trainer = torchfast.Trainer(
@@ -47,5 +50,7 @@ def train(data: TensorDataset, batch_size: int, accumulate: int, **trainer_kwarg
         **trainer_kwargs,
     )
     loader = torchfast.distributed.data_loader(data, batch_size, shuffle=True, num_workers=0, seed=3)
+    if on_trainer is not None:
+        on_trainer(trainer)
     trainer.fit(loader, EPOCHS)
     return model
