@@ -88,6 +88,12 @@ def test_demo_trains_exports_and_reports(tmp_path: Path):
         assert fast > 0 and eager > 0 and ratio == pytest.approx(eager / fast, rel=0.02, abs=0.01)
     # The progress bar, as whole lines on stderr (not a TTY here): it reaches the last step.
     assert re.search(r"train: 100%.*60/60", proc.stderr), proc.stderr[-2000:]
+    # The Trainer's extras: TensorBoard logs where it says, a profiler trace, an activation table.
+    log_dir = tmp_path / re.search(r"^\s+logs\s+(\S+)", proc.stdout, re.MULTILINE).group(1)
+    assert list(log_dir.glob("events.out.tfevents.*")), proc.stdout
+    trace = tmp_path / re.search(r"^\s+profile\s+(\S+\.json)", proc.stdout, re.MULTILINE).group(1)
+    assert "torchfast::swish" in trace.read_text()
+    assert re.search(r"^\s+4\s+\[256, 4\]\s+bfloat16", proc.stdout, re.MULTILINE), proc.stdout
 
 
 def test_demo_fails_clearly_when_the_loss_does_not_fall(tmp_path: Path, capsys):
@@ -95,7 +101,8 @@ def test_demo_fails_clearly_when_the_loss_does_not_fall(tmp_path: Path, capsys):
     assert cli.main(["demo", "--steps", "1", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and "did not fall" in err, err
-    assert not list(tmp_path.iterdir())
+    # Nothing exported; the training logs of the failed run stay (they help to see why).
+    assert not list(tmp_path.rglob("*.onnx"))
 
 
 @pytest.mark.parametrize("argv", [

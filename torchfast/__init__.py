@@ -5,14 +5,20 @@
     model = nn.Sequential(nn.Linear(64, 64), torchfast.nn.Swish())
     with torchfast.use_impl("triton"): ...  # choose an implementation per context (or impl= per call)
     print(torchfast.build_info())
+    torchfast.Trainer(model, optimizer, loss_fn, amp="auto").fit(dataset, epochs=3, batch_size=64)
+
+Training toolkit: torchfast.amp, torchfast.distributed, torchfast.hooks, torchfast.profiling and
+torchfast.Trainer (docs/training.md).
 """
 
 from torchfast import _ext  # noqa: F401  (loads _C, or warns and falls back to references)
-from torchfast import export, nn, ops
+from torchfast import amp, distributed, export, hooks, nn, ops, profiling
 from torchfast._info import build_info
 from torchfast._registry import REGISTRY, use_impl
 from torchfast.ops import add_rms_norm, bias_act, geglu, layer_norm, rms_norm, swiglu, swish
+from torchfast.trainer import FitResult, Trainer
 
 __version__ = "0.1.0"
 __all__ = ["REGISTRY", "add_rms_norm", "bias_act", "build_info", "export", "geglu", "layer_norm", "nn", "ops",
            "rms_norm", "swiglu", "swish", "use_impl"]
+__all__ += ["FitResult", "Trainer", "amp", "distributed", "hooks", "profiling"]

@@ -68,8 +68,11 @@ def _run(args: argparse.Namespace) -> int:
         result = demo.run(steps=args.steps, out=args.out, seed=args.seed, device=args.device,
                           log=sys.stdout, progress=sys.stderr)
     except demo.DemoError as e:
-        print(f"torchfast demo: FAILED: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; rank 0 says why
+            print(f"torchfast demo: FAILED: {e}", file=sys.stderr)
         return 1
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(demo.format_summary(result, build_info()))
     print("torchfast demo: OK")
     return 0

@@ -1,8 +1,12 @@
 """`torchfast demo`: the main job, end to end on one small model.
 
 1. A small MLP whose activations are torchfast's fused swish (`torchfast.nn.Swish`) learns a fixed
-   random teacher network from synthetic batches (fixed seed), under autocast: bfloat16 on CPU, and on
-   a GPU its bfloat16 (float16 with loss scaling where bf16 is missing).
+   random teacher network from synthetic batches (fixed seed) with `torchfast.Trainer`, under
+   autocast: bfloat16 on CPU, and on a GPU its bfloat16 (float16 with loss scaling where bf16 is
+   missing). TensorBoard logs, a profiler trace of three steps and an activation summary of the
+   trained model come with it (torchfast/_train_demo.py). Under
+   `torchrun --standalone --nproc_per_node=N -m torchfast demo` the N processes share each batch
+   (DDP); rank 0 alone prints, exports and times.
 2. The loss must fall to below `LOSS_DROP` times its starting value, else the demo fails (exit 1).
 3. The trained model is exported to ONNX with `torchfast.export.onnx(..., verify=True)`, which runs
    the file in onnxruntime and returns the largest difference from eager PyTorch.
@@ -28,10 +32,11 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import torchfast
+from torchfast import distributed as tfdist
+from torchfast._train_demo import TrainRun, train_with_trainer
 
 D_IN, HIDDEN, D_OUT = 16, 128, 4
 BATCH = 256
@@ -91,6 +96,11 @@ class DemoResult:
     speed: list[SpeedRow] = field(default_factory=list)
     speed_note: str | None = None
     compress_lines: list[str] = field(default_factory=list)  # torchfast.compress.demo_stage
+    world_size: int = 1
+    log_dir: str | None = None
+    trace: str | None = None
+    activations: str = ""
+    train_note: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,51 +153,8 @@ def amp_dtype_for(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-# ---------------------------------------------------------------------------------------------------
-# progress
-
-
-class Progress:
-    """A tqdm bar on a terminal; on anything else (CI logs, pipes) the same bar as whole lines, about
-    every tenth of the run, since carriage-return redraws turn into one unreadable line in a log."""
-
-    def __init__(self, total: int, stream: TextIO | None, desc: str = "train"):
-        self.total, self.stream, self.desc = total, stream, desc
-        self.every = max(1, total // 10)
-        self.start = time.perf_counter()
-        self.bar = None
-        if stream is not None and _isatty(stream):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="step", file=stream, dynamic_ncols=True)
-
-    def update(self, step: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if step % 5 == 0 or step == self.total:
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        elif self.stream is not None and (step % self.every == 0 or step == self.total or step == 1):
-            from tqdm import tqdm
-
-            line = tqdm.format_meter(step, self.total, time.perf_counter() - self.start, ncols=90,
-                                     prefix=self.desc, ascii=True, unit="step", postfix=f"loss={loss:.4f}")
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,33 +172,14 @@ def _num_threads(n: int) -> Iterator[None]:
 
 
 def train(model: nn.Module, teacher: Teacher, steps: int, device: torch.device, amp_dtype: torch.dtype,
-          progress: TextIO | None = None) -> tuple[list[float], float]:
-    """AdamW on MSE under autocast. Returns the loss of every step (the first is the untrained model's)
-    and the seconds the steps took (setup excluded: the first optimizer builds import lazily)."""
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    bar = Progress(steps, progress)
-    losses = []
-    t0 = time.perf_counter()
-    try:
-        for step in range(1, steps + 1):
-            x, y = (t.to(device, non_blocking=True) for t in teacher.batch(BATCH))
-            with torch.autocast(device.type, dtype=amp_dtype):
-                pred = model(x)
-            # The loss in fp32: a bf16 mean of squared errors would round away the small late losses.
-            loss = F.mse_loss(pred.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise DemoError(f"training diverged: the loss is {losses[-1]} at step {step}")
-            bar.update(step, losses[-1])
-    finally:
-        bar.close()
-    return losses, time.perf_counter() - t0
+          out: Path, progress: TextIO | None = None) -> TrainRun:
+    """`steps` global batches of BATCH samples from the teacher, one epoch of torchfast.Trainer (AdamW on
+    MSE, autocast per `amp_dtype`, DDP under torchrun, TensorBoard logs and a profiler trace under
+    `out`, an activation summary). Returns the TrainRun (losses per step, the first the untrained
+    model's; seconds of the steps)."""
+    x, y = teacher.batch(steps * BATCH)
+    amp = "fp16" if amp_dtype == torch.float16 else "bf16"
+    return train_with_trainer(model, x, y, global_batch=BATCH, lr=LR, amp=amp, out=out, progress=progress)
 
 
 def loss_summary(losses: list[float]) -> tuple[float, float]:
@@ -312,6 +260,8 @@ def format_build_line(info: dict) -> str:
 def format_summary(result: DemoResult, info: dict) -> str:
     ratio = result.loss_end / result.loss_start
     threads = f" ({TRAIN_THREADS} thread)" if result.device == "cpu" else ""
+    if result.world_size > 1:
+        threads += f", {result.world_size} processes (DDP, batch {BATCH // result.world_size} each)"
     lines = [
         "",
         "torchfast demo: summary",
@@ -322,6 +272,15 @@ def format_summary(result: DemoResult, info: dict) -> str:
         (f"  loss     start {result.loss_start:.4f} -> end {result.loss_end:.4f}  "
          f"({ratio:.3f}x of start; must be < {LOSS_DROP})"),
     ]
+    if result.log_dir is not None:
+        lines.append(f"  logs     {result.log_dir}  (TensorBoard: tensorboard --logdir {result.log_dir})")
+    if result.trace is not None:
+        lines.append(f"  profile  {result.trace}  (steps 3-5; open in TensorBoard or https://ui.perfetto.dev)")
+    if result.train_note:
+        lines.append(f"  logs     {result.train_note}")
+    if result.activations:
+        lines.append("  acts     activations of the trained model (torchfast.hooks.ActivationStats)")
+        lines += [f"           {line}" for line in result.activations.splitlines()]
     if result.onnx_path is not None:
         lines.append(f"  onnx     {result.onnx_path}  (verified in onnxruntime, dynamic batch; "
                      f"max abs error {result.onnx_max_error:.2e})")
@@ -344,27 +303,41 @@ def format_summary(result: DemoResult, info: dict) -> str:
 
 
 def run(steps: int = 300, out: str | Path = "out", seed: int = 0, device: str = "auto",
-        log: TextIO | None = None, progress: TextIO | None = None) -> DemoResult:
+        log: TextIO | None = None, progress: TextIO | None = None) -> DemoResult | None:
     """Run the demo (see the module docstring); print stages to `log`, the bar to `progress`.
 
-    Returns the results; raises DemoError when a stage fails (the loss did not fall, export failed)."""
+    Under torchrun every process trains its share of each batch; rank 0 alone prints, exports and
+    times, and the other ranks return None after training. Returns the results; raises DemoError when
+    a stage fails (the loss did not fall, export failed)."""
     log = log if log is not None else sys.stdout
     dev = pick_device(device)
+    world = tfdist.init(device=dev.type)
+    dev = world.device
+    if not world.is_main:
+        log = progress = None
     amp_dtype = amp_dtype_for(dev)
     torch.manual_seed(seed)  # the student's initial weights
     teacher = Teacher(seed)
     model = build_model()
-    print(f"torchfast demo: training {steps} steps on {dev} (autocast {_name(amp_dtype)}, seed {seed})",
-          file=log, flush=True)
+    ranks = f", {world.world_size} processes" if world.distributed else ""
+    _say(f"torchfast demo: training {steps} steps on {dev} (autocast {_name(amp_dtype)}, seed {seed}{ranks})",
+         log)
 
-    with _num_threads(TRAIN_THREADS) if dev.type == "cpu" else contextlib.nullcontext():
-        losses, train_s = train(model, teacher, steps, dev, amp_dtype, progress=progress)
-    start, end = loss_summary(losses)
-    result = DemoResult(device=str(dev), amp_dtype=_name(amp_dtype), steps=steps, losses=losses,
-                        loss_start=start, loss_end=end, train_s=train_s)
+    try:
+        with _num_threads(TRAIN_THREADS) if dev.type == "cpu" else contextlib.nullcontext():
+            run_ = train(model, teacher, steps, dev, amp_dtype, Path(out), progress=progress)
+    finally:
+        tfdist.cleanup()  # no collective follows: rank 0 exports and times alone
+    start, end = loss_summary(run_.losses)
+    result = DemoResult(device=str(dev), amp_dtype=_name(amp_dtype), steps=len(run_.losses),
+                        losses=run_.losses, loss_start=start, loss_end=end, train_s=run_.seconds,
+                        world_size=run_.world_size, log_dir=run_.log_dir, trace=run_.trace,
+                        activations=run_.activations, train_note=run_.note)
     if not end < LOSS_DROP * start:
         raise DemoError(f"the loss did not fall enough: start {start:.4f}, end {end:.4f} "
                         f"({end / start:.3f}x of start; needed < {LOSS_DROP}x). Try more --steps.")
+    if not world.is_main:
+        return None
 
     print("torchfast demo: exporting to ONNX and checking it in onnxruntime", file=log, flush=True)
     model = model.cpu().eval()
@@ -391,3 +364,8 @@ def run(steps: int = 300, out: str | Path = "out", seed: int = 0, device: str = 
     result.speed = swish_speed(dev)
     result.speed_note = busy_note() if dev.type == "cpu" else None
     return result
+
+
+def _say(text: str, log: TextIO | None) -> None:
+    if log is not None:
+        print(text, file=log, flush=True)

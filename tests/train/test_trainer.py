@@ -1,0 +1,305 @@
+"""torchfast.Trainer: resume after a crash gives the uninterrupted run's weights, atomic checkpoints,
+TensorBoard scalars, NaN handling and bad input (one process; tests/train/test_distributed.py runs
+the Trainer under torchrun)."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import torchfast
+from tests.train.common import dataset, make_model
+from torchfast import distributed as tfdist
+from torchfast.hooks import NonFiniteError
+from torchfast.trainer import CHECKPOINT_NAME, NonFiniteLossError, Trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_fresh_world():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tfdist.cleanup()
+    yield
+    tfdist.cleanup()
+    torch.set_num_threads(threads)
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing_mse(after_calls: int | None):
+    """mse_loss that raises Crash on call number `after_calls` + 1 (a kill in the middle of a step)."""
+    calls = [0]
+
+    def loss(out, target):
+        calls[0] += 1
+        if after_calls is not None and calls[0] > after_calls:
+            raise Crash(f"injected crash at loss call {calls[0]}")
+        return nn.functional.mse_loss(out.float(), target)
+
+    return loss
+
+
+def run(tmp_path, *, crash_after: int | None = None, resume: bool = False, seed: int = 0, amp: str = "off"):
+    """3 epochs x 4 optimizer steps (8 batches of 8, accumulate 2) of a model with dropout (so the RNG
+    state matters), AdamW + StepLR, a checkpoint every 3 steps. Returns (model, FitResult)."""
+    model = make_model(seed=seed, dropout=0.2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    trainer = Trainer(
+        model,
+        opt,
+        crashing_mse(crash_after),
+        amp=amp,
+        accumulate=2,
+        grad_clip=1.0,
+        checkpoint_dir=tmp_path / "ckpt",
+        checkpoint_every=3,
+        scheduler=sched,
+        progress=None,
+    )
+    loader = tfdist.data_loader(dataset(), 8, shuffle=True, num_workers=0)
+    return model, trainer.fit(loader, 3, resume=resume)
+
+
+@pytest.mark.parametrize(
+    "crash_after, amp", [(13, "off"), (9, "fp16")], ids=["mid-epoch-checkpoint", "epoch-end-checkpoint-fp16"]
+)
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path, crash_after, amp):
+    """Crash in step 7 (last checkpoint: step 6, mid-epoch) or step 5 (last: step 4, an epoch end),
+    then resume with a freshly initialised model: the final weights equal an uninterrupted run's."""
+    torch.manual_seed(123)
+    reference, ref_result = run(tmp_path / "ref", amp=amp)
+    torch.manual_seed(7)  # a different global RNG state: the checkpoint must restore it
+    with pytest.raises(Crash):
+        run(tmp_path / "crash", crash_after=crash_after, amp=amp)
+    ckpt = torch.load(tmp_path / "crash" / "ckpt" / CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["step"] == (6 if crash_after == 13 else 4)
+    resumed, result = run(tmp_path / "crash", resume=True, seed=99, amp=amp)
+    assert result.resumed_from is not None and result.steps == ref_result.steps == 12
+    assert result.losses == ref_result.losses
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume: max diff {(a - b).abs().max()}"
+    # and training did something: the weights moved away from the initial ones
+    assert not torch.equal(resumed.state_dict()["0.weight"], make_model()[0].weight)
+
+
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
+    _, result = run(tmp_path, resume=True)
+    assert result.resumed_from is None and result.steps == 12
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash in the middle of writing leaves the previous checkpoint loadable, and no temp file."""
+    model, _ = run(tmp_path)
+    path = tmp_path / "ckpt" / CHECKPOINT_NAME
+    good = torch.load(path, weights_only=True)
+    real_save = torch.save
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.mse_loss,
+        amp="off",
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=None,
+    )
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(epoch=9, batch=0)
+    monkeypatch.setattr(torch, "save", real_save)
+    again = torch.load(path, weights_only=True)
+    assert again["epoch"] == good["epoch"] == 3 and torch.equal(
+        again["model"]["0.weight"], good["model"]["0.weight"]
+    )
+    assert sorted(p.name for p in path.parent.iterdir()) == [CHECKPOINT_NAME]
+
+
+def test_tensorboard_scalars_and_progress(tmp_path):
+    pytest.importorskip("tensorboard", reason="the train extra (tensorboard) is part of the test extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = make_model()
+    progress = io.StringIO()
+    trainer = Trainer(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        nn.functional.mse_loss,
+        amp="bf16",
+        log_dir=tmp_path / "tb",
+        progress=progress,
+    )
+    result = trainer.fit(dataset(), 2, val_data=dataset(seed=5), batch_size=16)
+    trainer.close()
+    ev = EventAccumulator(str(tmp_path / "tb"))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "amp/scale",
+        "train/skipped_steps",
+        "val/loss",
+    } <= tags
+    losses = [e.value for e in ev.Scalars("train/loss")]
+    assert [e.step for e in ev.Scalars("train/loss")] == list(range(1, 9))
+    assert losses == pytest.approx(result.losses, rel=1e-6)
+    assert [e.value for e in ev.Scalars("val/loss")] == pytest.approx(result.val_losses, rel=1e-6)
+    assert all(e.value > 0 for e in ev.Scalars("train/samples_per_s"))
+    assert result.val_losses[-1] < result.val_losses[0] * 1.5  # sane, finite
+    last = progress.getvalue().splitlines()[-1]
+    assert "train: 100%" in last and "8/8" in last and re.search(r"loss=[\d.]+, samples_s=[\d,]+", last), last
+
+
+def test_missing_tensorboard_is_named(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes `import tensorboard` fail
+    model = make_model()
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.mse_loss,
+        log_dir=tmp_path,
+        progress=None,
+    )
+    with pytest.raises(ImportError, match=r"needs the 'tensorboard' package.*torchfast\[train\]"):
+        trainer.fit(dataset(), 1, batch_size=16)
+
+
+def test_nan_loss_stops_training(tmp_path):
+    model = make_model()
+    x, y = dataset().tensors
+    x = x.clone()
+    x[20, 0] = float("nan")  # in the second batch of 16 (no shuffle)
+    data = tfdist.data_loader(TensorDataset(x, y), 16, shuffle=False, num_workers=0)
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.mse_loss, amp="off", progress=None
+    )
+    with pytest.raises(NonFiniteLossError, match="the loss is nan at step 2"):
+        trainer.fit(data, 1)
+    assert torch.isfinite(model[0].weight).all()  # the NaN never reached the weights
+    tfdist.cleanup()
+    model = make_model()
+    trainer = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        nn.functional.mse_loss,
+        amp="off",
+        progress=None,
+        detect_nonfinite=True,
+    )
+    with pytest.raises(NonFiniteError, match="forward output of module '0' at step 2"):
+        trainer.fit(data, 1)
+    assert torchfast.hooks.count_hooks(model) == 0
+
+
+def test_compile(tmp_path):
+    """compile= passes its options to torch.compile (aot_eager: traced through Dynamo and AOTAutograd
+    without generating code, to stay fast); training matches eager."""
+    eager = make_model()
+    Trainer(
+        eager, torch.optim.SGD(eager.parameters(), lr=0.1), nn.functional.mse_loss, amp="off", progress=None
+    ).fit(dataset(), 1, batch_size=32)
+    compiled = make_model()
+    trainer = Trainer(
+        compiled,
+        torch.optim.SGD(compiled.parameters(), lr=0.1),
+        nn.functional.mse_loss,
+        amp="off",
+        progress=None,
+        compile={"backend": "aot_eager", "fullgraph": True},
+    )
+    trainer.fit(dataset(), 1, batch_size=32)
+    assert trainer.model is not compiled
+    torch.testing.assert_close(compiled.state_dict(), eager.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+def _trainer(model, **kwargs):
+    return Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1)
+        if list(model.parameters())
+        else torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+        nn.functional.mse_loss,
+        progress=None,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, error, match",
+    [
+        (lambda: nn.ReLU(), {}, ValueError, "the model has no trainable parameters"),
+        (make_model, {"accumulate": 0}, ValueError, "accumulate must be an int >= 1"),
+        (make_model, {"amp": "fp8"}, ValueError, r"unknown amp mode 'fp8'"),
+        (make_model, {"profile": True}, ValueError, "profile=True writes its trace under log_dir"),
+        (make_model, {"world_size": 4}, RuntimeError, "world_size=4 was expected"),
+    ],
+    ids=["no-parameters", "accumulate-0", "unknown-amp", "profile-without-log-dir", "world-size"],
+)
+def test_bad_trainer_arguments(make, kwargs, error, match):
+    with pytest.raises(error, match=f"torchfast.(Trainer|distributed.init): .*{match}"):
+        _trainer(make(), **kwargs)
+
+
+def test_optimizer_of_another_model():
+    with pytest.raises(ValueError, match="the optimizer holds .* parameters that are not the model's"):
+        Trainer(make_model(), torch.optim.SGD(make_model().parameters(), lr=0.1), nn.functional.mse_loss)
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, match",
+    [
+        (
+            TensorDataset(torch.zeros(0, 8), torch.zeros(0, 4)),
+            {"batch_size": 4},
+            r"train_data is empty \(0 samples\)",
+        ),
+        (
+            DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, 4)), batch_size=4),
+            {},
+            r"train_data is empty \(0 batches\)",
+        ),
+        (dataset(), {}, "train_data is a Dataset; give batch_size="),
+        ([1, 2, 3], {"batch_size": 2}, None),
+    ],
+    ids=["empty-dataset", "empty-loader", "no-batch-size", "list"],
+)
+def test_bad_fit_data(data, kwargs, match):
+    trainer = _trainer(make_model())
+    if match is None:  # a list has __getitem__/__len__, but its items are no (input, target) batches
+        with pytest.raises(TypeError, match=r"a batch must be a tuple or list \(input, ..., target\)"):
+            trainer.fit(data, 1, **kwargs)
+        return
+    with pytest.raises(ValueError, match=f"torchfast.Trainer.fit: {match}"):
+        trainer.fit(data, 1, **kwargs)
+
+
+def test_bad_fit_arguments(tmp_path):
+    trainer = _trainer(make_model())
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        trainer.fit(dataset(), 0, batch_size=8)
+    with pytest.raises(ValueError, match=r"resume=True needs Trainer\(checkpoint_dir=...\)"):
+        trainer.fit(dataset(), 1, batch_size=8, resume=True)
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    run(tmp_path)
+    path = tmp_path / "ckpt" / CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    state["world_size"] = 2
+    torch.save(state, path)
+    with pytest.raises(RuntimeError, match="written by 2 processes but this run has world size 1"):
+        run(tmp_path, resume=True)

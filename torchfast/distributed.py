@@ -1,0 +1,280 @@
+"""Data-parallel training launched by `torchrun`, and a world of size 1 without it.
+
+    world = torchfast.distributed.init()             # reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+    model = torchfast.distributed.wrap(model)        # DistributedDataParallel when world_size > 1
+    loader = torchfast.distributed.data_loader(dataset, batch_size=32, shuffle=True)
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)              # a new shuffle each epoch, the same on every rank
+        ...
+    torchfast.distributed.print_main("done")         # rank 0 only
+    torchfast.distributed.cleanup()
+
+Launch with `torchrun --standalone --nproc_per_node=N script.py`. CPU processes talk over Gloo,
+GPU processes over NCCL, one GPU per process (LOCAL_RANK). `nn.DataParallel` is not offered: it runs
+one process with a thread per GPU, scatters inputs and gathers outputs through GPU 0 every step and
+is held back by the GIL; DDP runs one process per device and all-reduces gradients while backward
+is still running, and PyTorch itself recommends it instead.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: its rank among `world_size` processes, its rank on this node
+    (`local_rank`), the device it computes on and the backend ("gloo", "nccl"; None for a world of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_world: World | None = None
+
+
+def _env_int(name: str) -> int:
+    text = os.environ[name]
+    try:
+        return int(text)
+    except ValueError:
+        raise RuntimeError(
+            f"torchfast.distributed.init: environment variable {name}={text!r} is not an "
+            "integer; launch with torchrun, which sets it"
+        ) from None
+
+
+def _read_env(expected_world_size: int | None) -> tuple[int, int, int] | None:
+    present = [k for k in _ENV if k in os.environ]
+    if not present:
+        return None
+    missing = [k for k in _ENV if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"torchfast.distributed.init: {', '.join(present)} set but {', '.join(missing)} "
+            "missing; launch with torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK"
+        )
+    rank, world_size, local_rank = (_env_int(k) for k in _ENV)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise RuntimeError(f"torchfast.distributed.init: RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if not 0 <= local_rank < local_world:
+        raise RuntimeError(
+            f"torchfast.distributed.init: LOCAL_RANK={local_rank} is not in "
+            f"[0, LOCAL_WORLD_SIZE={local_world})"
+        )
+    if expected_world_size is not None and world_size != expected_world_size:
+        raise RuntimeError(
+            f"torchfast.distributed.init: torchrun started WORLD_SIZE={world_size} processes "
+            f"but world_size={expected_world_size} was expected; launch with "
+            f"--nnodes x --nproc_per_node = {expected_world_size}"
+        )
+    return rank, world_size, local_rank
+
+
+def init(
+    backend: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    expected_world_size: int | None = None,
+) -> World:
+    """Join the process group that `torchrun` describes in the environment, once per process.
+
+    Without torchrun's variables this is a world of size 1 and nothing is initialised. The backend
+    is NCCL when the processes compute on CUDA (each binds GPU LOCAL_RANK), Gloo on CPU; `device`
+    ("cpu"/"cuda") overrides the choice of device, `backend` the backend. Raises RuntimeError when the
+    environment is inconsistent (a partial set of variables, RANK outside WORLD_SIZE) or when
+    `expected_world_size` is given and differs from WORLD_SIZE. Calling it again returns the same World.
+    """
+    global _world
+    if _world is not None:
+        if expected_world_size is not None and _world.world_size != expected_world_size:
+            raise RuntimeError(
+                f"torchfast.distributed.init: the world has {_world.world_size} processes "
+                f"but world_size={expected_world_size} was expected"
+            )
+        return _world
+    env = _read_env(expected_world_size)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if env is None:
+        if expected_world_size not in (None, 1):
+            raise RuntimeError(
+                f"torchfast.distributed.init: world_size={expected_world_size} was expected, "
+                "but this process was not launched by torchrun (no RANK/WORLD_SIZE set)"
+            )
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        _world = World(device=dev)
+        return _world
+    rank, world_size, local_rank = env
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"torchfast.distributed.init: LOCAL_RANK={local_rank} but only "
+                f"{torch.cuda.device_count()} GPUs are visible; use --nproc_per_node <= that"
+            )
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs
+        )
+    elif dist.get_world_size() != world_size:
+        raise RuntimeError(
+            f"torchfast.distributed.init: the existing process group has "
+            f"{dist.get_world_size()} processes but WORLD_SIZE={world_size}"
+        )
+    _world = World(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+    return _world
+
+
+def world() -> World:
+    """The current World (init() first; before it, a world of size 1 on CPU is reported)."""
+    return _world if _world is not None else World()
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a world of size 1): the process that prints, logs and saves."""
+    return world().rank == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a world of size 1)."""
+    if world().distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor:
+    """The mean of `value` over all ranks, as a new tensor (the input is left unchanged). A float is
+    turned into a float64 tensor on the world's device; a world of size 1 returns a copy."""
+    w = world()
+    t = (
+        value.detach().clone()
+        if isinstance(value, torch.Tensor)
+        else torch.tensor(float(value), dtype=torch.float64, device=w.device)
+    )
+    if w.distributed:
+        # NCCL reduces only GPU tensors, Gloo only CPU ones: move to the world's device and back.
+        moved = t.to(w.device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        t = (moved / w.world_size).to(t.device)
+    return t
+
+
+def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+    """`model` moved to this process's device and, when world_size > 1, wrapped in
+    DistributedDataParallel (gradients averaged over ranks during backward). A world of size 1 gets
+    the model back unwrapped. Use `model.no_sync()` (or torchfast.amp.Stepper, which does) for all but
+    the last micro-batch of an accumulated step."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"torchfast.distributed.wrap: model must be an nn.Module, got {type(model).__name__}")
+    w = world()
+    model = model.to(w.device)
+    if not w.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [w.device.index] if w.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP and/or torch.compile wrapper (what to save and to export)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def default_num_workers() -> int:
+    """Data-loading workers per process: the CPUs this process may use, shared among the processes of
+    this node, minus one for the training process itself; at most 8, at least 0."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, cpus // max(1, local) - 1))
+
+
+def data_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    *,
+    drop_last: bool = False,
+    num_workers: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> DataLoader:
+    """A DataLoader that gives each rank its own shard of `dataset`, through a DistributedSampler.
+
+    `batch_size` is per process (the global batch is batch_size x world_size). The sampler is used
+    in a world of size 1 as well, so shuffling is the same function of (seed, epoch) everywhere: call
+    `loader.sampler.set_epoch(epoch)` at the start of each epoch (the Trainer does) for a new order.
+    `num_workers` defaults to default_num_workers(); workers persist across epochs; memory is pinned
+    when training on CUDA. Extra keyword arguments go to DataLoader.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"torchfast.distributed.data_loader: batch_size must be a positive int, " f"got {batch_size!r}"
+        )
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            "torchfast.distributed.data_loader: dataset must be a map-style Dataset with a "
+            f"length; got {type(dataset).__name__}"
+        ) from None
+    if n == 0:
+        raise ValueError("torchfast.distributed.data_loader: the dataset is empty")
+    w = world()
+    sampler = DistributedSampler(
+        dataset, num_replicas=w.world_size, rank=w.rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+    )
+    workers = default_num_workers() if num_workers is None else num_workers
+    kwargs.setdefault("pin_memory", w.device.type == "cuda")
+    kwargs.setdefault("persistent_workers", workers > 0)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last, **kwargs
+    )
+
+
+def print_main(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only."""
+    if is_main():
+        builtins.print(*args, **kwargs)
+
+
+def cleanup() -> None:
+    """Leave the process group (if one was joined) and forget the World; safe to call twice."""
+    global _world
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _world = None
