@@ -1,6 +1,8 @@
 """`torchfast demo`: the main job, end to end on one small model.
 
-1. A small MLP whose activations are torchfast's fused swish (`torchfast.nn.Swish`) learns a fixed
+1. A small MLP written in plain PyTorch (nn.Linear, nn.SiLU) is passed through `torchfast.optimize`,
+   which fuses each Linear + SiLU into `torchfast.nn.Linear(activation="swish")` and prints its report;
+   the model then learns a fixed
    random teacher network from synthetic batches (fixed seed), under autocast: bfloat16 on CPU, and on
    a GPU its bfloat16 (float16 with loss scaling where bf16 is missing).
 2. The loss must fall to below `LOSS_DROP` times its starting value, else the demo fails (exit 1).
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfast
+from torchfast._optimize._demo import optimized_plain_mlp
 
 D_IN, HIDDEN, D_OUT = 16, 128, 4
 BATCH = 256
@@ -96,13 +99,10 @@ class DemoResult:
 # model and data
 
 
-def build_model(d_in: int = D_IN, hidden: int = HIDDEN, d_out: int = D_OUT) -> nn.Sequential:
-    """Linear -> Swish -> Linear -> Swish -> Linear, with torchfast's fused swish as activation."""
-    return nn.Sequential(
-        nn.Linear(d_in, hidden), torchfast.nn.Swish(),
-        nn.Linear(hidden, hidden), torchfast.nn.Swish(),
-        nn.Linear(hidden, d_out),
-    )
+def build_model(d_in: int = D_IN, hidden: int = HIDDEN, d_out: int = D_OUT) -> nn.Module:
+    """A plain PyTorch MLP (nn.Linear, nn.SiLU) optimized by torchfast.optimize: each Linear + SiLU
+    becomes torchfast.nn.Linear(activation="swish"). See torchfast/_optimize/_demo.py."""
+    return optimized_plain_mlp(d_in, hidden, d_out)[0]
 
 
 class Teacher:
@@ -315,8 +315,8 @@ def format_summary(result: DemoResult, info: dict) -> str:
         "",
         "torchfast demo: summary",
         f"  build    {format_build_line(info)}",
-        (f"  train    {result.steps} steps, batch {BATCH}, MLP {D_IN}-{HIDDEN}-{HIDDEN}-{D_OUT} with "
-         f"torchfast.nn.Swish, autocast {result.amp_dtype} on {result.device}{threads}, "
+        (f"  train    {result.steps} steps, batch {BATCH}, MLP {D_IN}-{HIDDEN}-{HIDDEN}-{D_OUT} (plain "
+         f"nn.Linear + nn.SiLU, optimized), autocast {result.amp_dtype} on {result.device}{threads}, "
          f"{result.train_s:.1f} s"),
         (f"  loss     start {result.loss_start:.4f} -> end {result.loss_end:.4f}  "
          f"({ratio:.3f}x of start; must be < {LOSS_DROP})"),
@@ -351,7 +351,9 @@ def run(steps: int = 300, out: str | Path = "out", seed: int = 0, device: str = 
     amp_dtype = amp_dtype_for(dev)
     torch.manual_seed(seed)  # the student's initial weights
     teacher = Teacher(seed)
-    model = build_model()
+    # Drop-in optimize: the model is written without torchfast; optimize swaps the fused modules in.
+    model, report = optimized_plain_mlp(D_IN, HIDDEN, D_OUT)
+    print(report.table(), file=log, flush=True)
     print(f"torchfast demo: training {steps} steps on {dev} (autocast {_name(amp_dtype)}, seed {seed})",
           file=log, flush=True)
 
