@@ -193,6 +193,7 @@ def optimize(model: nn.Module, *, include: str | Iterable[str] | None = None,
         original = copy.deepcopy(model) if verify else None
     else:
         model = copy.deepcopy(model)
+    position = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     dtype, device = model_dtype_device(model)
     dtypes = list(dict.fromkeys([torch.float32, torch.bfloat16, dtype]))
     opt = _Optimizer(model, include, exclude, dtypes, device)
@@ -205,6 +206,12 @@ def optimize(model: nn.Module, *, include: str | Iterable[str] | None = None,
         else:
             opt.walk(model, "")
     report = opt.report
+    # The report in the order of the module tree (Sequential pairs are probed before their parent's
+    # other children, so the order of discovery is not it).
+    order = {tuple(u): position.get(u[0], -1) for u in opt.units}
+    pairs = sorted(zip(opt.units, report.replaced), key=lambda p: order[tuple(p[0])])
+    opt.units, report.replaced = [u for u, _ in pairs], [r for _, r in pairs]
+    report.left_alone.sort(key=lambda s: position.get(s.name.split(" + ")[0], -1))
     if not verify:
         return model, report
     inputs = tuple(example_inputs) if example_inputs is not None else None

@@ -81,9 +81,17 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def quantize_int8(src: str, dst: str) -> str:
     """Dynamic int8 quantization of the weights of an ONNX file (onnxruntime.quantization), activations
     quantized at run time. A small private helper; torchfast.compress will own this."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" notice concerns static quantization
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     return dst
 
 
