@@ -46,7 +46,9 @@ def load_models():
 
 def build(name: str, args, M) -> torch.nn.Module:
     if name == "llama":
-        return M.LlamaStack(args.layers, args.hidden, args.heads, args.intermediate or int(2.75 * args.hidden))
+        return M.LlamaStack(
+            args.layers, args.hidden, args.heads, args.intermediate or int(2.75 * args.hidden)
+        )
     return M.GPT2Stack(args.layers, args.hidden, args.heads)
 
 
@@ -72,9 +74,11 @@ def saved_activation_bytes(model, x) -> int:
 
 def make_step(model, x, mode):
     if mode == "infer":
+
         def step():
             with torch.no_grad():
                 model(x)
+
         return step
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -83,6 +87,7 @@ def make_step(model, x, mode):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -107,11 +112,13 @@ def run_model(name, args, M) -> dict:
             steps[v] = make_step(m, x, mode)
             for _ in range(2):  # warm up (compiles here)
                 steps[v]()
-            print(f"  {name} {mode} {v}: warm-up {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"  {name} {mode} {v}: warm-up {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True
+            )
         samples = {v: [] for v in variants}
         names = list(variants)
         for r in range(args.repeats):
-            for v in names[r % len(names):] + names[:r % len(names)]:
+            for v in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()
                 steps[v]()
                 samples[v].append(time.perf_counter() - t0)
@@ -119,28 +126,47 @@ def run_model(name, args, M) -> dict:
 
         def speedup(base, new):
             return statistics.median(H.paired_ratios(samples[base], samples[new]))
+
         row["optimized vs original"] = speedup("original", "optimized")
         if not args.no_compile:
             row["optimized vs compiled original"] = speedup("compiled original", "optimized")
-            row["compiled optimized vs compiled original"] = speedup("compiled original", "compiled optimized")
+            row["compiled optimized vs compiled original"] = speedup(
+                "compiled original", "compiled optimized"
+            )
         if mode == "train":
-            row["saved_bytes"] = {v: saved_activation_bytes(variants[v], x) for v in ("original", "optimized")}
+            row["saved_bytes"] = {
+                v: saved_activation_bytes(variants[v], x) for v in ("original", "optimized")
+            }
             row["saved ratio"] = row["saved_bytes"]["optimized"] / row["saved_bytes"]["original"]
         result["modes"][mode] = row
     return result
 
 
 def print_table(results, args) -> None:
-    print(f"\ntokens {args.batch}x{args.seq}, hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats")
+    print(
+        f"\ntokens {args.batch}x{args.seq}, hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved repeats"
+    )
     cols = ["original", "optimized", "compiled original", "compiled optimized"]
-    print(f"{'model':<6} {'mode':<6} " + " ".join(f"{c:>19}" for c in cols) + "   opt/orig  opt/c.orig  c.opt/c.orig  saved")
+    print(
+        f"{'model':<6} {'mode':<6} "
+        + " ".join(f"{c:>19}" for c in cols)
+        + "   opt/orig  opt/c.orig  c.opt/c.orig  saved"
+    )
     for res in results:
         for mode, row in res["modes"].items():
             ms = " ".join(f"{row['ms'][c]:>16.1f} ms" if c in row["ms"] else f"{'-':>19}" for c in cols)
             sp = f"{row['optimized vs original']:>8.2f}x"
-            sp += f"  {row['optimized vs compiled original']:>9.2f}x" if "optimized vs compiled original" in row else f"  {'-':>10}"
-            sp += f"  {row['compiled optimized vs compiled original']:>11.2f}x" if "compiled optimized vs compiled original" in row else f"  {'-':>12}"
+            sp += (
+                f"  {row['optimized vs compiled original']:>9.2f}x"
+                if "optimized vs compiled original" in row
+                else f"  {'-':>10}"
+            )
+            sp += (
+                f"  {row['compiled optimized vs compiled original']:>11.2f}x"
+                if "compiled optimized vs compiled original" in row
+                else f"  {'-':>12}"
+            )
             saved = f"  {row['saved ratio']:.2f}x" if "saved ratio" in row else ""
             print(f"{res['model']:<6} {mode:<6} {ms}   {sp}{saved}")
 

@@ -52,13 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "current folder, or a .py file), optionally swap in torchfast's fused modules "
                     "(torchfast.optimize), export it to ONNX with standard ops and a dynamic batch axis, "
                     "and print what was fused, the export check and the file sizes.")
-    export.add_argument("target", metavar="MODULE:FACTORY", help="e.g. mypkg.models:make_model or models.py:make")
+    export.add_argument("target", metavar="MODULE:FACTORY",
+                        help="e.g. mypkg.models:make_model or models.py:make")
     export.add_argument("--input-shape", action="append", required=True, metavar="SHAPE",
                         help="shape of one float32 input, e.g. 8,16 (repeat for several inputs)")
     export.add_argument("--onnx", required=True, metavar="PATH", help="the .onnx file to write")
     export.add_argument("--optimize", action="store_true", help="run torchfast.optimize on the model first")
     export.add_argument("--verify", action="store_true",
-                        help="verify the optimized model against the original and the ONNX file in onnxruntime")
+                        help="verify the optimized model against the original, and the ONNX file in "
+                             "onnxruntime")
     export.add_argument("--quantize", choices=("int8",), default=None,
                         help="also write PATH.int8.onnx with dynamically quantized int8 weights")
     export.add_argument("--dynamic-sequence", action="store_true",

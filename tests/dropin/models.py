@@ -52,8 +52,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x):
         b, s, _ = x.shape
-        q, k, v = (p(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
@@ -74,8 +76,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaStack(nn.Module):
     def __init__(self, layers=2, hidden_size=32, num_heads=4, intermediate_size=64):
         super().__init__()
-        self.layers = nn.ModuleList(LlamaDecoderLayer(hidden_size, num_heads, intermediate_size)
-                                    for _ in range(layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(hidden_size, num_heads, intermediate_size) for _ in range(layers)
+        )
         self.norm = LlamaRMSNorm(hidden_size)
 
     def forward(self, x):
@@ -91,7 +94,11 @@ class NewGELUActivation(nn.Module):
     """GELU, tanh approximation, written out (as in the original GPT-2 code)."""
 
     def forward(self, input):
-        return 0.5 * input * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
+        return (
+            0.5
+            * input
+            * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (input + 0.044715 * torch.pow(input, 3.0))))
+        )
 
 
 class GPT2MLP(nn.Module):
@@ -156,7 +163,9 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attention = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.attention_norm = nn.LayerNorm(hidden, eps=1e-12)
-        self.ffn = nn.Sequential(nn.Linear(hidden, inter), nn.GELU(), nn.Linear(inter, hidden), nn.Dropout(0.1))
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, inter), nn.GELU(), nn.Linear(inter, hidden), nn.Dropout(0.1)
+        )
         self.output_norm = nn.LayerNorm(hidden, eps=1e-12)
 
     def forward(self, x):
@@ -176,8 +185,14 @@ class SmallCNN(nn.Module):
     def __init__(self, channels=8, classes=10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.SiLU(),
-            nn.Conv2d(channels, channels, 3, padding=1), Swish(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            nn.Conv2d(3, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            Swish(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Sequential(nn.Linear(channels, 32), Swish(), nn.Linear(32, classes))
 
     def forward(self, x):

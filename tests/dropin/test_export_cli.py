@@ -23,8 +23,20 @@ def mlp():
 
 def test_export_optimize_verify_quantize(tmp_path, capsys):
     out = tmp_path / "cnn.onnx"
-    code = cli.main(["export", f"{MODELS}:SmallCNN", "--input-shape", "2,3,12,12", "--onnx", str(out),
-                     "--optimize", "--verify", "--quantize", "int8"])
+    code = cli.main(
+        [
+            "export",
+            f"{MODELS}:SmallCNN",
+            "--input-shape",
+            "2,3,12,12",
+            "--onnx",
+            str(out),
+            "--optimize",
+            "--verify",
+            "--quantize",
+            "int8",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0, text
     assert "torchfast.optimize: 3 replaced" in text and "head.0 + head.1" in text, text
@@ -38,25 +50,43 @@ def test_export_optimize_verify_quantize(tmp_path, capsys):
 def test_export_module_from_the_current_folder(tmp_path, capsys, monkeypatch):
     (tmp_path / "my_factories.py").write_text(FACTORIES)
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["export", "my_factories:mlp", "--input-shape", "2x5x16", "--onnx", "m.onnx",
-                     "--optimize", "--dynamic-sequence"]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "my_factories:mlp",
+                "--input-shape",
+                "2x5x16",
+                "--onnx",
+                "m.onnx",
+                "--optimize",
+                "--dynamic-sequence",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "0 + 1" in text and "dynamic batch and sequence; not verified" in text, text
 
 
-@pytest.mark.parametrize("target, shape, message", [
-    ("no_such_module_xyz:make", "4,16", "cannot import 'no_such_module_xyz'"),
-    ("{f}:missing", "4,16", "has no attribute 'missing'"),
-    ("{f}:not_a_module", "4,16", "returned a dict, not a torch.nn.Module"),
-    ("{f}:broken", "4,16", "raised RuntimeError: no weights here"),
-    ("{f}", "4,16", "is not MODULE:FACTORY"),
-    ("{f}:mlp", "4,-1", "not a list of positive integers"),
-], ids=["import", "attribute", "not-module", "raises", "format", "shape"])
+@pytest.mark.parametrize(
+    "target, shape, message",
+    [
+        ("no_such_module_xyz:make", "4,16", "cannot import 'no_such_module_xyz'"),
+        ("{f}:missing", "4,16", "has no attribute 'missing'"),
+        ("{f}:not_a_module", "4,16", "returned a dict, not a torch.nn.Module"),
+        ("{f}:broken", "4,16", "raised RuntimeError: no weights here"),
+        ("{f}", "4,16", "is not MODULE:FACTORY"),
+        ("{f}:mlp", "4,-1", "not a list of positive integers"),
+    ],
+    ids=["import", "attribute", "not-module", "raises", "format", "shape"],
+)
 def test_bad_factory_exits_2(tmp_path, capsys, target, shape, message):
     factories = tmp_path / "factories.py"
     factories.write_text(FACTORIES)
-    code = cli.main(["export", target.format(f=factories), "--input-shape", shape, "--onnx",
-                     str(tmp_path / "x.onnx")])
+    code = cli.main(
+        ["export", target.format(f=factories), "--input-shape", shape, "--onnx", str(tmp_path / "x.onnx")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "torchfast export: error:" in err and message in err, err
     assert not (tmp_path / "x.onnx").exists()

@@ -19,18 +19,43 @@ from . import models as M
 
 # name -> (factory, input shape, {qualified name: new module}); only these are replaced.
 MODELS = {
-    "llama": (lambda: M.LlamaStack(layers=1), (2, 8, 32), {
-        "layers.0.input_layernorm": "torchfast.nn.RMSNorm", "layers.0.post_attention_layernorm": "torchfast.nn.RMSNorm",
-        "layers.0.mlp": "torchfast.nn.SwiGLU", "norm": "torchfast.nn.RMSNorm"}),
-    "gpt2": (lambda: M.GPT2Block(), (2, 8, 32), {
-        "ln_1": "torchfast.nn.LayerNorm", "ln_2": "torchfast.nn.LayerNorm",
-        "mlp.act": "torchfast.nn.GELU(approximate='tanh')"}),
-    "bert": (lambda: M.BertLayer(), (2, 8, 32), {
-        "attention_norm": "torchfast.nn.LayerNorm", "output_norm": "torchfast.nn.LayerNorm",
-        "ffn.0 + ffn.1": "torchfast.nn.Linear(activation='gelu') + nn.Identity"}),
-    "cnn": (lambda: M.SmallCNN(), (2, 3, 12, 12), {
-        "features.2": "torchfast.nn.Swish", "features.4": "torchfast.nn.Swish",
-        "head.0 + head.1": "torchfast.nn.Linear(activation='swish') + nn.Identity"}),
+    "llama": (
+        lambda: M.LlamaStack(layers=1),
+        (2, 8, 32),
+        {
+            "layers.0.input_layernorm": "torchfast.nn.RMSNorm",
+            "layers.0.post_attention_layernorm": "torchfast.nn.RMSNorm",
+            "layers.0.mlp": "torchfast.nn.SwiGLU",
+            "norm": "torchfast.nn.RMSNorm",
+        },
+    ),
+    "gpt2": (
+        lambda: M.GPT2Block(),
+        (2, 8, 32),
+        {
+            "ln_1": "torchfast.nn.LayerNorm",
+            "ln_2": "torchfast.nn.LayerNorm",
+            "mlp.act": "torchfast.nn.GELU(approximate='tanh')",
+        },
+    ),
+    "bert": (
+        lambda: M.BertLayer(),
+        (2, 8, 32),
+        {
+            "attention_norm": "torchfast.nn.LayerNorm",
+            "output_norm": "torchfast.nn.LayerNorm",
+            "ffn.0 + ffn.1": "torchfast.nn.Linear(activation='gelu') + nn.Identity",
+        },
+    ),
+    "cnn": (
+        lambda: M.SmallCNN(),
+        (2, 3, 12, 12),
+        {
+            "features.2": "torchfast.nn.Swish",
+            "features.4": "torchfast.nn.Swish",
+            "head.0 + head.1": "torchfast.nn.Linear(activation='swish') + nn.Identity",
+        },
+    ),
 }
 FP32_LOOSE = {"rtol": 1e-4, "atol": 1e-5}  # a model chains several ops, each within one rounding
 
@@ -223,8 +248,10 @@ def test_lookalikes_are_left_alone_and_reported():
 
 def test_verification_failure_names_the_module():
     model = nn.Sequential(nn.Linear(8, 8), LongSequenceNorm(8), nn.Linear(8, 8), nn.SiLU())
-    with pytest.raises(torchfast.OptimizeVerificationError, match=r"module '1' \(LongSequenceNorm -> "
-                       r"torchfast.nn.RMSNorm\) disagrees") as err:
+    with pytest.raises(
+        torchfast.OptimizeVerificationError,
+        match=r"module '1' \(LongSequenceNorm -> " r"torchfast.nn.RMSNorm\) disagrees",
+    ) as err:
         torchfast.optimize(model, example_inputs=torch.randn(2, 32, 8))
     assert err.value.module == "1"
     # On inputs where it behaves, it is replaced; exclude= keeps the original and the rest is verified.
@@ -253,12 +280,15 @@ class MixtralMLP(nn.Module):
 
 
 def test_gated_mlps_and_unsupported_configurations():
-    model = nn.ModuleDict({"a": MixtralMLP(nn.GELU(approximate="tanh")), "b": MLPWithDropout(),
-                           "c": MixtralMLP(nn.ReLU())})
+    model = nn.ModuleDict(
+        {"a": MixtralMLP(nn.GELU(approximate="tanh")), "b": MLPWithDropout(), "c": MixtralMLP(nn.ReLU())}
+    )
     model.forward = None  # a container without forward: nothing to verify
     new, report = torchfast.optimize(model, verify=False)
     assert {r.name: r.new for r in report.replaced} == {
-        "a": "GatedMLP(act='gelu_tanh', names=w1/w3/w2)", "b.act_fn": "torchfast.nn.Swish"}, report.table()
+        "a": "GatedMLP(act='gelu_tanh', names=w1/w3/w2)",
+        "b.act_fn": "torchfast.nn.Swish",
+    }, report.table()
     left = {s.name: s.reason for s in report.left_alone}
     assert left == {"b": "unsupported configuration", "c": "did not match"}, report.table()
     assert list(new.state_dict()) == list(model.state_dict())
@@ -271,11 +301,16 @@ def test_include_exclude_and_inplace():
     model = M.LlamaStack(layers=1)
     new, report = torchfast.optimize(model, include="rms_norm")
     assert {r.rule for r in report.replaced} == {"rms_norm"}
-    assert {(s.name, s.reason) for s in report.left_alone} == {("layers.0.mlp", "excluded"),
-                                                                ("layers.0.mlp.act_fn", "excluded")}
+    assert {(s.name, s.reason) for s in report.left_alone} == {
+        ("layers.0.mlp", "excluded"),
+        ("layers.0.mlp.act_fn", "excluded"),
+    }
     new, report = torchfast.optimize(model, exclude=["*.mlp", "norm"])
-    assert [r.name for r in report.replaced] == ["layers.0.input_layernorm", "layers.0.post_attention_layernorm",
-                                                 "layers.0.mlp.act_fn"]
+    assert [r.name for r in report.replaced] == [
+        "layers.0.input_layernorm",
+        "layers.0.post_attention_layernorm",
+        "layers.0.mlp.act_fn",
+    ]
     assert type(model.norm) is M.LlamaRMSNorm  # inplace=False left the original alone
     same, _ = torchfast.optimize(model, inplace=True)
     assert same is model and type(model.norm) is torchfast.nn.RMSNorm
@@ -286,15 +321,21 @@ def test_shared_module_is_reported():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), act, nn.Linear(8, 8), act)
     _, report = torchfast.optimize(model)
     assert {(s.name, s.reason) for s in report.left_alone} == {
-        ("2", "shared module"), ("3 + 4", "shared module"), ("4", "shared module")}
+        ("2", "shared module"),
+        ("3 + 4", "shared module"),
+        ("4", "shared module"),
+    }
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"model": 3}, TypeError, "argument 'model' must be a torch.nn.Module"),
-    ({"include": 5}, TypeError, "argument 'include'"),
-    ({"exclude": ["ok", 1]}, TypeError, "argument 'exclude'"),
-    ({"example_inputs": 1.0}, TypeError, "argument 'example_inputs'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"model": 3}, TypeError, "argument 'model' must be a torch.nn.Module"),
+        ({"include": 5}, TypeError, "argument 'include'"),
+        ({"exclude": ["ok", 1]}, TypeError, "argument 'exclude'"),
+        ({"example_inputs": 1.0}, TypeError, "argument 'example_inputs'"),
+    ],
+)
 def test_bad_arguments(kwargs, error, match):
     kwargs = {"model": nn.SiLU(), **kwargs}
     with pytest.raises(error, match=match):
@@ -307,4 +348,8 @@ def test_demo_model_is_plain_pytorch_optimized():
     assert not any(type(m).__module__.startswith("torchfast") for m in plain_mlp(4, 8, 2).modules())
     model, report = optimized_plain_mlp(4, 8, 2)
     assert [r.name for r in report.replaced] == ["0 + 1", "2 + 3"] and report.verification == "passed"
-    assert [getattr(m, "activation", None) for m in model if isinstance(m, nn.Linear)] == ["swish", "swish", None]
+    assert [getattr(m, "activation", None) for m in model if isinstance(m, nn.Linear)] == [
+        "swish",
+        "swish",
+        None,
+    ]

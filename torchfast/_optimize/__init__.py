@@ -49,9 +49,11 @@ def _patterns(value, arg: str) -> tuple[str, ...] | None:
     except TypeError:
         items = None
     if items is None or not all(isinstance(p, str) for p in items):
-        raise TypeError(f"torchfast.optimize: argument '{arg}' must be None, a string or an iterable of strings "
-                        f"(glob patterns of qualified module names, or rule names: {', '.join(RULES)}), "
-                        f"got {value!r}")
+        raise TypeError(
+            f"torchfast.optimize: argument '{arg}' must be None, a string or an iterable of strings "
+            f"(glob patterns of qualified module names, or rule names: {', '.join(RULES)}), "
+            f"got {value!r}"
+        )
     return items
 
 
@@ -84,9 +86,15 @@ class _Optimizer:
         if self.include is not None and not _matches(c, self.include):
             self.left(c, "excluded", "not matched by include=")
             return False
-        shared = [self.shared[id(c.parent._modules[s])] for s in c.slots if id(c.parent._modules[s]) in self.shared]
+        shared = [
+            self.shared[id(c.parent._modules[s])] for s in c.slots if id(c.parent._modules[s]) in self.shared
+        ]
         if shared:
-            self.left(c, "shared module", f"also reachable as {', '.join(shared[0])}; replacing one place would split it")
+            self.left(
+                c,
+                "shared module",
+                f"also reachable as {', '.join(shared[0])}; replacing one place would split it",
+            )
             return False
         if c.unsupported:
             self.left(c, "unsupported configuration", c.unsupported)
@@ -121,7 +129,7 @@ class _Optimizer:
             while i + 1 < len(keys):
                 c = linear_act_candidate(module, i, prefix)
                 if c is not None and self.try_candidate(c):
-                    done.update(keys[i:i + 2])
+                    done.update(keys[i : i + 2])
                     i += 2
                 else:
                     i += 1
@@ -138,9 +146,15 @@ class _Optimizer:
             self.walk(child, qualname + ".")
 
 
-def optimize(model: nn.Module, *, include: str | Iterable[str] | None = None,
-             exclude: str | Iterable[str] | None = None, inplace: bool = False, verify: bool = True,
-             example_inputs=None) -> tuple[nn.Module, OptimizeReport]:
+def optimize(
+    model: nn.Module,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    inplace: bool = False,
+    verify: bool = True,
+    example_inputs=None,
+) -> tuple[nn.Module, OptimizeReport]:
     """Replace the parts of `model` that torchfast computes faster; return (model, report).
 
     What is replaced (by setattr on the parent module; each only when the probe below matches):
@@ -177,17 +191,23 @@ def optimize(model: nn.Module, *, include: str | Iterable[str] | None = None,
     is wrapped in DistributedDataParallel, and OptimizeVerificationError as above.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"torchfast.optimize: argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"torchfast.optimize: argument 'model' must be a torch.nn.Module, got {type(model).__name__}"
+        )
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        raise TypeError("torchfast.optimize: argument 'model' is wrapped in "
-                        f"{type(model).__name__}; optimize the module before wrapping it "
-                        "(optimize(model) then DistributedDataParallel(optimized))")
+        raise TypeError(
+            "torchfast.optimize: argument 'model' is wrapped in "
+            f"{type(model).__name__}; optimize the module before wrapping it "
+            "(optimize(model) then DistributedDataParallel(optimized))"
+        )
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
-        raise TypeError("torchfast.optimize: argument 'example_inputs' must be a Tensor or a tuple of the "
-                        f"model's positional inputs, got {type(example_inputs).__name__}")
+        raise TypeError(
+            "torchfast.optimize: argument 'example_inputs' must be a Tensor or a tuple of the "
+            f"model's positional inputs, got {type(example_inputs).__name__}"
+        )
     original = model
     if inplace:
         original = copy.deepcopy(model) if verify else None
@@ -233,17 +253,20 @@ def optimize(model: nn.Module, *, include: str | Iterable[str] | None = None,
                 raise OptimizeVerificationError(
                     f"torchfast.optimize: the optimized model disagrees with the original ({why}), although "
                     "each replaced module matches on its own inputs: the differences add up across the "
-                    "model. Exclude some replacements (exclude=...) or pass verify=False.", None)
+                    "model. Exclude some replacements (exclude=...) or pass verify=False.",
+                    None,
+                )
             names, unit_why = found
             rep = report.replaced[opt.units.index(names)]
             raise OptimizeVerificationError(
                 f"torchfast.optimize: module '{rep.name}' ({rep.old} -> {rep.new}) disagrees with the "
                 f"original on the inputs it gets in this model: {unit_why}. It matched on the probe inputs, "
                 f"so its behaviour depends on its input; keep the original with exclude=[{rep.name!r}].",
-                rep.name)
+                rep.name,
+            )
     shapes = ", ".join(str(list(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
     report.verification = "passed"
-    report.verification_detail = (f"inputs {shapes}, forward and backward, max abs output error {worst:.2g}")
+    report.verification_detail = f"inputs {shapes}, forward and backward, max abs output error {worst:.2g}"
     return model, report
 
 

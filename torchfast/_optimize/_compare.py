@@ -45,8 +45,15 @@ def _max_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((g - r).abs()[finite].max()) if bool(finite.any()) else 0.0
 
 
-def compare(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str, *, scale: float = 1.0,
-            baseline: torch.Tensor | None = None) -> Mismatch | None:
+def compare(
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    *,
+    scale: float = 1.0,
+    baseline: torch.Tensor | None = None,
+) -> Mismatch | None:
     """None when `got` (computed in `dtype`) matches `ref`, else what differs and by how much.
 
     |got - ref| <= scale * (rtol * |ref| + atol * max(1, max|ref|)) elementwise, (rtol, atol) from
@@ -81,13 +88,18 @@ def float_tensors(out) -> list[torch.Tensor]:
     return []
 
 
-def run_fwd_bwd(module: torch.nn.Module, inputs: tuple, grads: list[torch.Tensor] | None,
-                gen: torch.Generator | None = None):
+def run_fwd_bwd(
+    module: torch.nn.Module,
+    inputs: tuple,
+    grads: list[torch.Tensor] | None,
+    gen: torch.Generator | None = None,
+):
     """(outputs, input grads, {param name: grad}, output grads used) of `module(*inputs)`, without
     touching any `.grad` (torch.autograd.grad, not backward). Float inputs are differentiated; the
     output gradients are `grads` cast to each output's dtype, or drawn from `gen` when None."""
-    xs = tuple(x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
-               for x in inputs)
+    xs = tuple(
+        x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs
+    )
     out = float_tensors(module(*xs))
     if grads is None:
         grads = [torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.device) for o in out]
@@ -97,6 +109,6 @@ def run_fwd_bwd(module: torch.nn.Module, inputs: tuple, grads: list[torch.Tensor
     outs = [o for o in out if o.requires_grad]
     gs = [g.to(o.dtype) for g, o in zip(grads, out) if o.requires_grad]
     got = torch.autograd.grad(outs, wrt, gs, allow_unused=True) if outs and wrt else [None] * len(wrt)
-    in_grads = list(got[:len(diff_in)])
-    p_grads = {n: g for (n, _), g in zip(params, got[len(diff_in):])}
+    in_grads = list(got[: len(diff_in)])
+    p_grads = {n: g for (n, _), g in zip(params, got[len(diff_in) :])}
     return out, in_grads, p_grads, grads

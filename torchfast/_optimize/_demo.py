@@ -12,8 +12,10 @@ from torchfast._optimize import OptimizeReport, optimize
 def plain_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     """Linear -> SiLU -> Linear -> SiLU -> Linear, as anyone writes it."""
     return nn.Sequential(
-        nn.Linear(d_in, hidden), nn.SiLU(),
-        nn.Linear(hidden, hidden), nn.SiLU(),
+        nn.Linear(d_in, hidden),
+        nn.SiLU(),
+        nn.Linear(hidden, hidden),
+        nn.SiLU(),
         nn.Linear(hidden, d_out),
     )
 

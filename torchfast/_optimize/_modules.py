@@ -15,10 +15,14 @@ class GatedMLP(nn.Module):
     projections registered under `names` = (gate, up, down) child names. `act` is "swish", "gelu" or
     "gelu_tanh"."""
 
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, names: tuple[str, str, str], act: str):
+    def __init__(
+        self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, names: tuple[str, str, str], act: str
+    ):
         super().__init__()
         if act not in ("swish", "gelu", "gelu_tanh"):
-            raise ValueError(f"torchfast optimize GatedMLP: argument 'act' must be swish, gelu or gelu_tanh, got {act!r}")
+            raise ValueError(
+                f"torchfast optimize GatedMLP: argument 'act' must be swish, gelu or gelu_tanh, got {act!r}"
+            )
         self.names = tuple(names)
         self.act = act
         for name, linear in zip(self.names, (gate, up, down)):

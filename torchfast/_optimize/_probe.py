@@ -28,8 +28,13 @@ def _copy(module: nn.Module, *dtypes: torch.dtype) -> nn.Module:
     return m.eval()
 
 
-def probe(original: nn.Module, candidate: nn.Module, shapes: Sequence[tuple[int, ...]],
-          dtypes: Sequence[torch.dtype], device: torch.device) -> str | None:
+def probe(
+    original: nn.Module,
+    candidate: nn.Module,
+    shapes: Sequence[tuple[int, ...]],
+    dtypes: Sequence[torch.dtype],
+    device: torch.device,
+) -> str | None:
     """None when `candidate` matches `original` on every probe, else the first difference, in words."""
     names_o = {n for n, _ in original.named_parameters()}
     names_c = {n for n, _ in candidate.named_parameters()}
@@ -76,9 +81,17 @@ def _probe_one(ref, cand, base, shape, dtype, device, gen) -> str | None:
         bad = compare(c, r, dtype, f"output {i}", baseline=None if out_b is None else out_b[i])
         if bad:
             return str(bad)
-    checks = [("input gradient", gin_c[0] if gin_c else None, gin_r[0] if gin_r else None,
-               gin_b[0] if gin_b else None)]
-    checks += [(f"gradient of {n}", gp_c.get(n), g, None if gp_b is None else gp_b.get(n)) for n, g in gp_r.items()]
+    checks = [
+        (
+            "input gradient",
+            gin_c[0] if gin_c else None,
+            gin_r[0] if gin_r else None,
+            gin_b[0] if gin_b else None,
+        )
+    ]
+    checks += [
+        (f"gradient of {n}", gp_c.get(n), g, None if gp_b is None else gp_b.get(n)) for n, g in gp_r.items()
+    ]
     for what, c, r, b in checks:
         if (c is None) != (r is None):
             return f"{what}: present in only one of the two"

@@ -42,19 +42,25 @@ class OptimizeReport:
 
     def to_dict(self) -> dict:
         """Plain data (lists of dicts, strings), e.g. for json.dumps."""
-        return {"replaced": [asdict(r) for r in self.replaced],
-                "left_alone": [asdict(s) for s in self.left_alone],
-                "verification": {"status": self.verification, "detail": self.verification_detail}}
+        return {
+            "replaced": [asdict(r) for r in self.replaced],
+            "left_alone": [asdict(s) for s in self.left_alone],
+            "verification": {"status": self.verification, "detail": self.verification_detail},
+        }
 
     def table(self) -> str:
-        lines = [f"torchfast.optimize: {len(self.replaced)} replaced, {len(self.left_alone)} left alone; "
-                 f"verification {self.verification}" + (f" ({self.verification_detail})"
-                                                         if self.verification_detail else "")]
+        lines = [
+            f"torchfast.optimize: {len(self.replaced)} replaced, {len(self.left_alone)} left alone; "
+            f"verification {self.verification}"
+            + (f" ({self.verification_detail})" if self.verification_detail else "")
+        ]
         if self.replaced:
             lines += _columns(["replaced", "old", "new"], [[r.name, r.old, r.new] for r in self.replaced])
         if self.left_alone:
-            lines += _columns(["left alone", "old", "reason"],
-                              [[s.name, s.old, f"{s.reason}: {s.detail}"] for s in self.left_alone])
+            lines += _columns(
+                ["left alone", "old", "reason"],
+                [[s.name, s.old, f"{s.reason}: {s.detail}"] for s in self.left_alone],
+            )
         return "\n".join(lines)
 
     __str__ = table

@@ -23,14 +23,28 @@ RULES = ("silu", "gelu", "layer_norm", "rms_norm", "linear_act", "gated_mlp", "a
 
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon", "norm_eps", "rms_norm_eps", "layer_norm_eps")
 # (gate, up, down) child names of gated MLPs: Llama/Mistral/Qwen/Gemma, Meta's Llama and Mixtral, plain, T5.
-GATED_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("gate", "up", "down"),
-               ("wi_0", "wi_1", "wo"))
-TORCHFAST_MODULES = (tfnn.Swish, tfnn.GELU, tfnn.Linear, tfnn.LayerNorm, tfnn.RMSNorm, tfnn.SwiGLU, tfnn.GeGLU,
-                     GatedMLP)
+GATED_NAMES = (
+    ("gate_proj", "up_proj", "down_proj"),
+    ("w1", "w3", "w2"),
+    ("gate", "up", "down"),
+    ("wi_0", "wi_1", "wo"),
+)
+TORCHFAST_MODULES = (
+    tfnn.Swish,
+    tfnn.GELU,
+    tfnn.Linear,
+    tfnn.LayerNorm,
+    tfnn.RMSNorm,
+    tfnn.SwiGLU,
+    tfnn.GeGLU,
+    GatedMLP,
+)
 ACT_SHAPES = ((4, 16), (2, 3, 8))
-ACTS = {"swish": ("torchfast.nn.Swish", lambda: tfnn.Swish()),
-        "gelu": ("torchfast.nn.GELU", lambda: tfnn.GELU()),
-        "gelu_tanh": ("torchfast.nn.GELU(approximate='tanh')", lambda: tfnn.GELU(approximate="tanh"))}
+ACTS = {
+    "swish": ("torchfast.nn.Swish", lambda: tfnn.Swish()),
+    "gelu": ("torchfast.nn.GELU", lambda: tfnn.GELU()),
+    "gelu_tanh": ("torchfast.nn.GELU(approximate='tanh')", lambda: tfnn.GELU(approximate="tanh")),
+}
 
 Builder = Callable[[], nn.Module]
 
@@ -96,14 +110,37 @@ def known_candidate(parent, slot, qualname, child) -> Candidate | None:
         c.options = [(new, lambda: tfnn.GELU(approximate=approx))]
     elif cls is nn.LayerNorm:
         c.rule, c.shapes = "layer_norm", _norm_shapes(child.normalized_shape)
-        c.options = [("torchfast.nn.LayerNorm", lambda: _with_params(tfnn.LayerNorm(
-            child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine,
-            bias=child.bias is not None, device="meta"), child))]
+        c.options = [
+            (
+                "torchfast.nn.LayerNorm",
+                lambda: _with_params(
+                    tfnn.LayerNorm(
+                        child.normalized_shape,
+                        eps=child.eps,
+                        elementwise_affine=child.elementwise_affine,
+                        bias=child.bias is not None,
+                        device="meta",
+                    ),
+                    child,
+                ),
+            )
+        ]
     elif cls is nn.RMSNorm:
         c.rule, c.shapes = "rms_norm", _norm_shapes(child.normalized_shape)
-        c.options = [("torchfast.nn.RMSNorm", lambda: _with_params(tfnn.RMSNorm(
-            child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine,
-            device="meta"), child))]
+        c.options = [
+            (
+                "torchfast.nn.RMSNorm",
+                lambda: _with_params(
+                    tfnn.RMSNorm(
+                        child.normalized_shape,
+                        eps=child.eps,
+                        elementwise_affine=child.elementwise_affine,
+                        device="meta",
+                    ),
+                    child,
+                ),
+            )
+        ]
     else:
         return None
     return c
@@ -143,11 +180,16 @@ def user_candidate(parent, slot, qualname, child) -> Candidate | None:
     shape = tuple(child.weight.shape)
     c.shapes = _norm_shapes(shape)
     if kind == "rms_norm":
-        c.options = [("torchfast.nn.RMSNorm", lambda: _with_params(
-            tfnn.RMSNorm(shape, eps=eps, device="meta"), child))]
+        c.options = [
+            ("torchfast.nn.RMSNorm", lambda: _with_params(tfnn.RMSNorm(shape, eps=eps, device="meta"), child))
+        ]
     else:
-        c.options = [("torchfast.nn.LayerNorm", lambda: _with_params(
-            tfnn.LayerNorm(shape, eps=eps, device="meta"), child))]
+        c.options = [
+            (
+                "torchfast.nn.LayerNorm",
+                lambda: _with_params(tfnn.LayerNorm(shape, eps=eps, device="meta"), child),
+            )
+        ]
     return c
 
 
@@ -174,11 +216,22 @@ def linear_act_candidate(seq: nn.Sequential, i: int, prefix: str) -> Candidate |
     if acts is None:
         return None
     names = [f"{prefix}{keys[i]}", f"{prefix}{keys[i + 1]}"]
-    c = Candidate("linear_act", seq, [keys[i], keys[i + 1]], names, f"nn.Linear + {describe(act)}",
-                  nn.Sequential(lin, act), ((4, lin.in_features), (2, 3, lin.in_features)))
+    c = Candidate(
+        "linear_act",
+        seq,
+        [keys[i], keys[i + 1]],
+        names,
+        f"nn.Linear + {describe(act)}",
+        nn.Sequential(lin, act),
+        ((4, lin.in_features), (2, 3, lin.in_features)),
+    )
     for _, fused in acts:
-        c.options.append((f"torchfast.nn.Linear(activation={fused!r}) + nn.Identity",
-                          lambda fused=fused: nn.Sequential(tfnn.Linear.from_linear(lin, fused), nn.Identity())))
+        c.options.append(
+            (
+                f"torchfast.nn.Linear(activation={fused!r}) + nn.Identity",
+                lambda fused=fused: nn.Sequential(tfnn.Linear.from_linear(lin, fused), nn.Identity()),
+            )
+        )
     return c
 
 
@@ -191,18 +244,33 @@ def gated_mlp_candidate(parent, slot, qualname, child) -> Candidate | None:
     else:
         return None
     gate, up, down = linears
-    c = Candidate("gated_mlp", parent, [slot], [qualname], describe(child), child,
-                  ((4, gate.in_features), (2, 3, gate.in_features)))
+    c = Candidate(
+        "gated_mlp",
+        parent,
+        [slot],
+        [qualname],
+        describe(child),
+        child,
+        ((4, gate.in_features), (2, 3, gate.in_features)),
+    )
     own = [n for n in list(child._parameters) + list(child._buffers) if getattr(child, n, None) is not None]
     others = [(n, m) for n, m in child.named_children() if n not in names]
     if own:
-        c.unsupported = f"holds its own parameters or buffers ({', '.join(own)}), which the fused module has no place for"
-    elif any(not _stateless(m) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) for _, m in others):
+        c.unsupported = (
+            f"holds its own parameters or buffers ({', '.join(own)}), which the fused module has no place for"
+        )
+    elif any(
+        not _stateless(m) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) for _, m in others
+    ):
         extra = ", ".join(f"{n} ({describe(m)})" for n, m in others)
         c.unsupported = f"has other children with state or dropout ({extra})"
-    elif not (gate.in_features == up.in_features == down.out_features
-              and gate.out_features == up.out_features == down.in_features):
-        c.unsupported = "projection sizes do not form a gated MLP (gate/up: hidden -> inter, down: inter -> hidden)"
+    elif not (
+        gate.in_features == up.in_features == down.out_features
+        and gate.out_features == up.out_features == down.in_features
+    ):
+        c.unsupported = (
+            "projection sizes do not form a gated MLP (gate/up: hidden -> inter, down: inter -> hidden)"
+        )
     if c.unsupported:
         return c
     standard = names == GATED_NAMES[0]
@@ -214,12 +282,17 @@ def gated_mlp_candidate(parent, slot, qualname, child) -> Candidate | None:
         if act == "swish":
             new = tfnn.SwiGLU(hidden, inter, device="meta")
         else:
-            new = tfnn.GeGLU(hidden, inter, device="meta", approximate="tanh" if act == "gelu_tanh" else "none")
+            new = tfnn.GeGLU(
+                hidden, inter, device="meta", approximate="tanh" if act == "gelu_tanh" else "none"
+            )
         new.gate_proj, new.up_proj, new.down_proj = gate, up, down
         return new
 
-    label = {"swish": "torchfast.nn.SwiGLU", "gelu": "torchfast.nn.GeGLU",
-             "gelu_tanh": "torchfast.nn.GeGLU(approximate='tanh')"}
+    label = {
+        "swish": "torchfast.nn.SwiGLU",
+        "gelu": "torchfast.nn.GeGLU",
+        "gelu_tanh": "torchfast.nn.GeGLU(approximate='tanh')",
+    }
     if not standard:
         label = {a: f"GatedMLP(act={a!r}, names={'/'.join(names)})" for a in label}
     c.options = [(label[a], lambda a=a: build(a)) for a in ("swish", "gelu", "gelu_tanh")]

@@ -59,7 +59,10 @@ def infer_inputs(model: nn.Module) -> tuple[tuple | None, str]:
     if isinstance(first, nn.Embedding):
         tries = [torch.randint(0, first.num_embeddings, (2, 8), generator=gen)]
     elif isinstance(first, nn.Linear):
-        tries = [torch.randn(2, 8, first.in_features, generator=gen), torch.randn(2, first.in_features, generator=gen)]
+        tries = [
+            torch.randn(2, 8, first.in_features, generator=gen),
+            torch.randn(2, first.in_features, generator=gen),
+        ]
     elif isinstance(first, nn.modules.conv._ConvNd):
         nd = len(first.kernel_size)
         tries = [torch.randn(2, first.in_channels, *([16 if nd < 3 else 8] * nd), generator=gen)]
@@ -103,7 +106,9 @@ def check(original: nn.Module, new: nn.Module, inputs: Sequence, scale: float) -
     original in float32, and may be as far from it as the original itself (see _compare)."""
     dtype, _ = model_dtype_device(original)
     if not any(True for _ in original.parameters()):
-        dtype = next((x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()), dtype)
+        dtype = next(
+            (x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()), dtype
+        )
     gen = torch.Generator().manual_seed(VERIFY_SEED)
     with torch.no_grad():
         shapes = [o.shape for o in float_tensors(original(*inputs))]
@@ -119,32 +124,43 @@ def check(original: nn.Module, new: nn.Module, inputs: Sequence, scale: float) -
         return f"{len(out_n)} outputs vs the original's {len(out_o)}", float("inf")
     worst = 0.0
     pairs = [(f"output {i}", n, o, base and base[0][i], scale) for i, (n, o) in enumerate(zip(out_n, out_o))]
-    pairs += [(f"gradient of input {i}", n, o, base and base[1][i], scale * GRAD_SCALE)
-              for i, (n, o) in enumerate(zip(gin_n, gin_o)) if n is not None and o is not None]
-    pairs += [(f"gradient of {k}", gp_n.get(k), o, base and base[2].get(k), scale * GRAD_SCALE)
-              for k, o in gp_o.items() if o is not None and gp_n.get(k) is not None]
+    pairs += [
+        (f"gradient of input {i}", n, o, base and base[1][i], scale * GRAD_SCALE)
+        for i, (n, o) in enumerate(zip(gin_n, gin_o))
+        if n is not None and o is not None
+    ]
+    pairs += [
+        (f"gradient of {k}", gp_n.get(k), o, base and base[2].get(k), scale * GRAD_SCALE)
+        for k, o in gp_o.items()
+        if o is not None and gp_n.get(k) is not None
+    ]
     missing = sorted(set(gp_o) ^ set(gp_n))
     if missing:
         return f"parameters differ: {missing}", float("inf")
     for what, n, o, b, s in pairs:
         bad = compare(n, o, dtype, what, scale=s, baseline=b)
         if what.startswith("output"):
-            worst = max(worst, float((n.detach().double() - o.detach().double().to(n.device)).abs().max())
-                        if n.numel() else 0.0)
+            worst = max(
+                worst,
+                float((n.detach().double() - o.detach().double().to(n.device)).abs().max())
+                if n.numel()
+                else 0.0,
+            )
         if bad:
             return str(bad), worst
     return None, worst
 
 
-def locate(original: nn.Module, optimized: nn.Module, inputs: Sequence,
-           units: list[list[str]]) -> tuple[list[str], str] | None:
+def locate(
+    original: nn.Module, optimized: nn.Module, inputs: Sequence, units: list[list[str]]
+) -> tuple[list[str], str] | None:
     """The first replaced unit (qualified names, in execution order) whose replacement disagrees with
     the original on the inputs it receives in the original model."""
     seen: dict[str, tuple] = {}
     order: list[str] = []
     handles = []
     for names in units:
-        first, last = names[0], names[-1]
+        first = names[0]
 
         def pre(mod, args, kwargs, first=first):
             if first not in seen:

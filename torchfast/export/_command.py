@@ -26,8 +26,9 @@ def load_factory(target: str):
     folder, or a path to a .py file; FACTORY a dotted attribute path inside it)."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise CommandError(f"'{target}' is not MODULE:FACTORY (e.g. mypkg.models:make_model or "
-                           "models.py:make_model)")
+        raise CommandError(
+            f"'{target}' is not MODULE:FACTORY (e.g. mypkg.models:make_model or " "models.py:make_model)"
+        )
     try:
         if module_name.endswith(".py") or os.sep in module_name:
             path = Path(module_name)
@@ -74,7 +75,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d < 1 for d in shape):
-        raise CommandError(f"--input-shape {text!r} is not a list of positive integers such as 8,16 or 8x3x32x32")
+        raise CommandError(
+            f"--input-shape {text!r} is not a list of positive integers such as 8,16 or 8x3x32x32"
+        )
     return shape
 
 
@@ -112,8 +115,17 @@ def _ort_max_error(path: str, model: nn.Module, inputs: tuple[torch.Tensor, ...]
     return max(float((torch.from_numpy(g).double() - w.double()).abs().max()) for g, w in zip(got, want))
 
 
-def run(target: str, shapes: list[str], onnx_path: str, *, optimize: bool, verify: bool,
-        quantize: str | None, dynamic_sequence: bool, out: TextIO) -> int:
+def run(
+    target: str,
+    shapes: list[str],
+    onnx_path: str,
+    *,
+    optimize: bool,
+    verify: bool,
+    quantize: str | None,
+    dynamic_sequence: bool,
+    out: TextIO,
+) -> int:
     """The command; returns the exit status (0 ok, 1 export or check failed). Raises CommandError."""
     import torchfast
     from torchfast.export import OnnxVerificationError, onnx
@@ -124,8 +136,11 @@ def run(target: str, shapes: list[str], onnx_path: str, *, optimize: bool, verif
     model = build_model(target).eval()
     inputs = tuple(torch.randn(d) for d in dims)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model    {target} -> {type(model).__name__}, {n_params:,} parameters, inputs "
-          f"{', '.join(str(list(d)) for d in dims)}", file=out)
+    print(
+        f"model    {target} -> {type(model).__name__}, {n_params:,} parameters, inputs "
+        f"{', '.join(str(list(d)) for d in dims)}",
+        file=out,
+    )
     if optimize:
         try:
             model, report = torchfast.optimize(model, verify=verify, example_inputs=inputs)
@@ -139,13 +154,18 @@ def run(target: str, shapes: list[str], onnx_path: str, *, optimize: bool, verif
         print(f"onnx     FAILED: {e}", file=out)
         return 1
     dyn = "dynamic batch" + (" and sequence" if dynamic_sequence else "")
-    check = f"verified in onnxruntime, max abs error {max_error:.2g}" if verify else "not verified (no --verify)"
+    check = (
+        f"verified in onnxruntime, max abs error {max_error:.2g}" if verify else "not verified (no --verify)"
+    )
     print(f"onnx     {path}  {_size(path)}  (standard ONNX ops, {dyn}; {check})", file=out)
     if quantize == "int8":
         q_path = str(Path(path).with_suffix("")) + ".int8.onnx"
         quantize_int8(path, q_path)
         ratio = os.path.getsize(q_path) / os.path.getsize(path)
         err = _ort_max_error(q_path, model, inputs)
-        print(f"int8     {q_path}  {_size(q_path)}  ({ratio:.2f}x of float; dynamic int8 weights; "
-              f"max abs error vs PyTorch {err:.2g}, from quantization, not checked against a tolerance)", file=out)
+        print(
+            f"int8     {q_path}  {_size(q_path)}  ({ratio:.2f}x of float; dynamic int8 weights; "
+            f"max abs error vs PyTorch {err:.2g}, from quantization, not checked against a tolerance)",
+            file=out,
+        )
     return 0

@@ -85,10 +85,12 @@ def _check_arguments(model, args, exporter: str, opset: int | None, dynamic_batc
             raise _fail("args", "holds no input with 2 or more dimensions, so dynamic_sequence=True has no "
                         "sequence axis (dim 1) to mark")
         if len(set(seq)) > 1:
-            raise _fail("args", f"holds inputs with different sizes of dim 1 ({', '.join(map(str, seq))}); with "
+            raise _fail("args", "holds inputs with different sizes of dim 1 "
+                        f"({', '.join(map(str, seq))}); with "
                         "dynamic_sequence=True dim 1 of every input with 2+ dimensions is the sequence axis")
         if seq[0] < 2:
-            raise _fail("args", "has a sequence axis (dim 1) of size < 2; give an example with a longer sequence "
+            raise _fail("args", "has a sequence axis (dim 1) of size < 2; give an example with a longer "
+                        "sequence "
                         "(torch.export specializes sizes 0 and 1)")
     if dynamic_batch and len({a.shape[0] for a in args}) > 1:
         raise _fail("args", "holds inputs with different sizes of dim 0 "
@@ -179,12 +181,14 @@ def _export_dynamo(model, args, path, opset, dynamic_batch, input_names, dynamic
         )
 
 
-def _export_torchscript(model, args, path, opset, dynamic_batch, input_names, n_outputs, dynamic_sequence=False):
+def _export_torchscript(model, args, path, opset, dynamic_batch, input_names, n_outputs,
+                        dynamic_sequence=False):
     _tables.ensure_symbolics_registered()
     output_names = [f"output_{i}" for i in range(n_outputs)]
     dynamic_axes = None
     if dynamic_batch or dynamic_sequence:
-        dynamic_axes = {n: d for n, d in zip(input_names, _dynamic_dims(args, dynamic_batch, dynamic_sequence)) if d}
+        dims = _dynamic_dims(args, dynamic_batch, dynamic_sequence)
+        dynamic_axes = {n: d for n, d in zip(input_names, dims) if d}
         if dynamic_batch:
             dynamic_axes.update({name: {0: "batch"} for name in output_names})
     torch.onnx.export(
@@ -233,7 +237,8 @@ def _check_graph(path: str, dynamic: list[dict[int, str]], input_names: list[str
     custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes
                      if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) not in local})
     if custom:
-        raise OnnxVerificationError(f"torchfast.export.onnx: {path} holds non-standard ops {custom}; only the "
+        raise OnnxVerificationError(f"torchfast.export.onnx: {path} holds non-standard ops {custom}; only "
+                                    "the "
                                     "standard ONNX domain is allowed")
     wanted = dict(zip(input_names, dynamic))
     for graph_input in model.graph.input:
@@ -313,7 +318,8 @@ def onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool
             (exact for integer outputs). The table is per op; a deep model may need a looser one.
 
     The file always passes `onnx.checker.check_model(full_check=True)`, holds only standard-domain ops,
-    and the axes marked dynamic are symbolic in its inputs. Raises ValueError/TypeError for bad arguments and OnnxVerificationError
+    and the axes marked dynamic are symbolic in its inputs. Raises ValueError/TypeError for bad arguments
+    and OnnxVerificationError
     when onnxruntime disagrees. Returns OnnxExport(path, max_error): the largest absolute difference
     seen in verification (None when verify=False).
     """
@@ -329,7 +335,8 @@ def onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool
         else:
             with torch.no_grad():
                 n_outputs = len(_flatten(model(*args)))
-            _export_torchscript(model, args, path, opset, dynamic_batch, input_names, n_outputs, dynamic_sequence)
+            _export_torchscript(model, args, path, opset, dynamic_batch, input_names, n_outputs,
+                                dynamic_sequence)
         _check_graph(path, _dynamic_dims(args, dynamic_batch, dynamic_sequence), input_names)
         if not verify:
             return OnnxExport(path, None)
