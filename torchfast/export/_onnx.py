@@ -319,8 +319,7 @@ def onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool
 
     The file always passes `onnx.checker.check_model(full_check=True)`, holds only standard-domain ops,
     and the axes marked dynamic are symbolic in its inputs. Raises ValueError/TypeError for bad arguments
-    and OnnxVerificationError
-    when onnxruntime disagrees. Returns OnnxExport(path, max_error): the largest absolute difference
+    and OnnxVerificationError when onnxruntime disagrees. Returns OnnxExport(path, max_error): the largest absolute difference
     seen in verification (None when verify=False).
     """
     args, opset = _check_arguments(model, args, exporter, opset, dynamic_batch, dynamic_sequence)
