@@ -7,18 +7,22 @@
     print(torchfast.build_info())
     torchfast.Trainer(model, optimizer, loss_fn, amp="auto").fit(dataset, epochs=3, batch_size=64)
 
+    model, report = torchfast.optimize(plain_model)  # swap fused modules into a model you already have
+
 Training toolkit: torchfast.amp, torchfast.distributed, torchfast.hooks, torchfast.profiling and
-torchfast.Trainer (docs/training.md).
+torchfast.Trainer (docs/training.md). Drop-in optimize: torchfast.optimize (docs/optimize.md).
+Compression: torchfast.compress (docs/compress.md).
 """
 
 from torchfast import _ext  # noqa: F401  (loads _C, or warns and falls back to references)
-from torchfast import amp, distributed, export, hooks, nn, ops, profiling
+from torchfast import amp, compress, distributed, export, hooks, nn, ops, profiling
 from torchfast._info import build_info
+from torchfast._optimize import OptimizeReport, OptimizeVerificationError, optimize
 from torchfast._registry import REGISTRY, use_impl
 from torchfast.ops import add_rms_norm, bias_act, geglu, layer_norm, rms_norm, swiglu, swish
 from torchfast.trainer import FitResult, Trainer
 
 __version__ = "0.1.0"
-__all__ = ["REGISTRY", "add_rms_norm", "bias_act", "build_info", "export", "geglu", "layer_norm", "nn", "ops",
-           "rms_norm", "swiglu", "swish", "use_impl"]
-__all__ += ["FitResult", "Trainer", "amp", "distributed", "hooks", "profiling"]
+__all__ = ["REGISTRY", "FitResult", "OptimizeReport", "OptimizeVerificationError", "Trainer", "add_rms_norm", "amp",
+           "bias_act", "build_info", "compress", "distributed", "export", "geglu", "hooks", "layer_norm", "nn",
+           "ops", "optimize", "profiling", "rms_norm", "swiglu", "swish", "use_impl"]

@@ -1,10 +1,11 @@
 """`torchfast demo`: the main job, end to end on one small model.
 
-1. A small MLP whose activations are torchfast's fused swish (`torchfast.nn.Swish`) learns a fixed
-   random teacher network from synthetic batches (fixed seed) with `torchfast.Trainer`, under
-   autocast: bfloat16 on CPU, and on a GPU its bfloat16 (float16 with loss scaling where bf16 is
-   missing). TensorBoard logs, a profiler trace of three steps and an activation summary of the
-   trained model come with it (torchfast/_train_demo.py). Under
+1. A small MLP written in plain PyTorch (nn.Linear, nn.SiLU) is passed through `torchfast.optimize`,
+   which fuses each Linear + SiLU into `torchfast.nn.Linear(activation="swish")` and prints its report.
+   The model then learns a fixed random teacher network from synthetic batches (fixed seed) with
+   `torchfast.Trainer`, under autocast: bfloat16 on CPU, and on a GPU its bfloat16 (float16 with loss
+   scaling where bf16 is missing). TensorBoard logs, a profiler trace of three steps and an activation
+   summary of the trained model come with it (torchfast/_train_demo.py). Under
    `torchrun --standalone --nproc_per_node=N -m torchfast demo` the N processes share each batch
    (DDP); rank 0 alone prints, exports and times.
 2. The loss must fall to below `LOSS_DROP` times its starting value, else the demo fails (exit 1).
@@ -37,6 +38,7 @@ from torch import nn
 import torchfast
 from torchfast import distributed as tfdist
 from torchfast._train_demo import TrainRun, train_with_trainer
+from torchfast._optimize._demo import optimized_plain_mlp
 
 D_IN, HIDDEN, D_OUT = 16, 128, 4
 BATCH = 256
@@ -107,13 +109,10 @@ class DemoResult:
 # model and data
 
 
-def build_model(d_in: int = D_IN, hidden: int = HIDDEN, d_out: int = D_OUT) -> nn.Sequential:
-    """Linear -> Swish -> Linear -> Swish -> Linear, with torchfast's fused swish as activation."""
-    return nn.Sequential(
-        nn.Linear(d_in, hidden), torchfast.nn.Swish(),
-        nn.Linear(hidden, hidden), torchfast.nn.Swish(),
-        nn.Linear(hidden, d_out),
-    )
+def build_model(d_in: int = D_IN, hidden: int = HIDDEN, d_out: int = D_OUT) -> nn.Module:
+    """A plain PyTorch MLP (nn.Linear, nn.SiLU) optimized by torchfast.optimize: each Linear + SiLU
+    becomes torchfast.nn.Linear(activation="swish"). See torchfast/_optimize/_demo.py."""
+    return optimized_plain_mlp(d_in, hidden, d_out)[0]
 
 
 class Teacher:
@@ -266,8 +265,8 @@ def format_summary(result: DemoResult, info: dict) -> str:
         "",
         "torchfast demo: summary",
         f"  build    {format_build_line(info)}",
-        (f"  train    {result.steps} steps, batch {BATCH}, MLP {D_IN}-{HIDDEN}-{HIDDEN}-{D_OUT} with "
-         f"torchfast.nn.Swish, autocast {result.amp_dtype} on {result.device}{threads}, "
+        (f"  train    {result.steps} steps, batch {BATCH}, MLP {D_IN}-{HIDDEN}-{HIDDEN}-{D_OUT} (plain "
+         f"nn.Linear + nn.SiLU, optimized), autocast {result.amp_dtype} on {result.device}{threads}, "
          f"{result.train_s:.1f} s"),
         (f"  loss     start {result.loss_start:.4f} -> end {result.loss_end:.4f}  "
          f"({ratio:.3f}x of start; must be < {LOSS_DROP})"),
@@ -318,7 +317,9 @@ def run(steps: int = 300, out: str | Path = "out", seed: int = 0, device: str = 
     amp_dtype = amp_dtype_for(dev)
     torch.manual_seed(seed)  # the student's initial weights
     teacher = Teacher(seed)
-    model = build_model()
+    # Drop-in optimize: the model is written without torchfast; optimize swaps the fused modules in.
+    model, report = optimized_plain_mlp(D_IN, HIDDEN, D_OUT)
+    _say(report.table(), log)
     ranks = f", {world.world_size} processes" if world.distributed else ""
     _say(f"torchfast demo: training {steps} steps on {dev} (autocast {_name(amp_dtype)}, seed {seed}{ranks})",
          log)

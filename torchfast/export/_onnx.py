@@ -62,8 +62,8 @@ def _max_opset(exporter: str) -> int:
     return onnx.defs.onnx_opset_version()
 
 
-def _check_arguments(model, args, exporter: str, opset: int | None, dynamic_batch: bool
-                     ) -> tuple[tuple[torch.Tensor, ...], int]:
+def _check_arguments(model, args, exporter: str, opset: int | None, dynamic_batch: bool,
+                     dynamic_sequence: bool = False) -> tuple[tuple[torch.Tensor, ...], int]:
     if not isinstance(model, nn.Module):
         raise _fail("model", f"must be a torch.nn.Module, got {type(model).__name__}", TypeError)
     if exporter not in EXPORTERS:
@@ -79,6 +79,19 @@ def _check_arguments(model, args, exporter: str, opset: int | None, dynamic_batc
         if dynamic_batch and a.dim() == 0:
             raise _fail("args", f"holds a 0-d tensor at position {i}, which has no batch axis; "
                         "pass dynamic_batch=False to export with fixed shapes")
+    if dynamic_sequence:
+        seq = [a.shape[1] for a in args if a.dim() >= 2]
+        if not seq:
+            raise _fail("args", "holds no input with 2 or more dimensions, so dynamic_sequence=True has no "
+                        "sequence axis (dim 1) to mark")
+        if len(set(seq)) > 1:
+            raise _fail("args", "holds inputs with different sizes of dim 1 "
+                        f"({', '.join(map(str, seq))}); with "
+                        "dynamic_sequence=True dim 1 of every input with 2+ dimensions is the sequence axis")
+        if seq[0] < 2:
+            raise _fail("args", "has a sequence axis (dim 1) of size < 2; give an example with a longer "
+                        "sequence "
+                        "(torch.export specializes sizes 0 and 1)")
     if dynamic_batch and len({a.shape[0] for a in args}) > 1:
         raise _fail("args", "holds inputs with different sizes of dim 0 "
                     f"({', '.join(str(a.shape[0]) for a in args)}); with dynamic_batch=True dim 0 of "
@@ -139,11 +152,24 @@ def _quiet_dynamo_exporter() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def _export_dynamo(model, args, path, opset, dynamic_batch, input_names):
+def _dynamic_dims(args, dynamic_batch: bool, dynamic_sequence: bool) -> list[dict[int, str]]:
+    """Per input, {dim: symbolic name}: dim 0 "batch", dim 1 (inputs of 2+ dims) "sequence"."""
+    dims = []
+    for a in args:
+        d = {0: "batch"} if dynamic_batch else {}
+        if dynamic_sequence and a.dim() >= 2:
+            d[1] = "sequence"
+        dims.append(d)
+    return dims
+
+
+def _export_dynamo(model, args, path, opset, dynamic_batch, input_names, dynamic_sequence=False):
     dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")  # one Dim shared by every input: their batch sizes agree
-        dynamic_shapes = tuple({0: batch} for _ in args)
+    if dynamic_batch or dynamic_sequence:
+        # One Dim per name, shared by every input: their batch (and sequence) sizes agree.
+        named = {"batch": torch.export.Dim("batch"), "sequence": torch.export.Dim("sequence")}
+        dynamic_shapes = tuple({i: named[n] for i, n in d.items()} or None
+                               for d in _dynamic_dims(args, dynamic_batch, dynamic_sequence))
     with _quiet_dynamo_exporter():
         torch.onnx.export(
             model, args, path, dynamo=True, opset_version=opset, verbose=False,
@@ -155,10 +181,16 @@ def _export_dynamo(model, args, path, opset, dynamic_batch, input_names):
         )
 
 
-def _export_torchscript(model, args, path, opset, dynamic_batch, input_names, n_outputs):
+def _export_torchscript(model, args, path, opset, dynamic_batch, input_names, n_outputs,
+                        dynamic_sequence=False):
     _tables.ensure_symbolics_registered()
     output_names = [f"output_{i}" for i in range(n_outputs)]
-    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names} if dynamic_batch else None
+    dynamic_axes = None
+    if dynamic_batch or dynamic_sequence:
+        dims = _dynamic_dims(args, dynamic_batch, dynamic_sequence)
+        dynamic_axes = {n: d for n, d in zip(input_names, dims) if d}
+        if dynamic_batch:
+            dynamic_axes.update({name: {0: "batch"} for name in output_names})
     torch.onnx.export(
         model, args, path, dynamo=False, opset_version=opset,
         input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
@@ -176,6 +208,13 @@ def _flatten(out) -> list[torch.Tensor]:
                     "tuples, lists or dicts of Tensors can be compared with the ONNX model")
 
 
+def _other_sequence(args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The inputs with a longer sequence (s + 3 along dim 1 of inputs with 2+ dims), repeating positions."""
+    s = next(a.shape[1] for a in args if a.dim() >= 2)
+    pos = torch.arange(s + 3) % s
+    return tuple(a.index_select(1, pos.to(a.device)) if a.dim() >= 2 else a for a in args)
+
+
 def _other_batch(args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The inputs with a different batch size (b + 2 rows), made by repeating the given rows, so that
     inputs that must hold valid values (token ids, masks) stay valid."""
@@ -185,20 +224,30 @@ def _other_batch(args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
                  for a in args)
 
 
-def _check_graph(path: str, dynamic_batch: bool, input_names: list[str]) -> None:
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def _check_graph(path: str, dynamic: list[dict[int, str]], input_names: list[str]) -> None:
     import onnx
 
     onnx.checker.check_model(path, full_check=True)
-    if not dynamic_batch:
-        return
-    for graph_input in onnx.load(path, load_external_data=False).graph.input:
-        if graph_input.name not in input_names:
-            continue
+    model = onnx.load(path, load_external_data=False)
+    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
+    local = {(f.domain, f.name) for f in model.functions}
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes
+                     if n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type) not in local})
+    if custom:
+        raise OnnxVerificationError(f"torchfast.export.onnx: {path} holds non-standard ops {custom}; only "
+                                    "the "
+                                    "standard ONNX domain is allowed")
+    wanted = dict(zip(input_names, dynamic))
+    for graph_input in model.graph.input:
         dims = graph_input.type.tensor_type.shape.dim
-        if dims and not dims[0].dim_param:
-            raise OnnxVerificationError(
-                f"torchfast.export.onnx: input '{graph_input.name}' of {path} has a fixed dim 0 "
-                f"({dims[0].dim_value}) although dynamic_batch=True")
+        for axis, name in wanted.get(graph_input.name, {}).items():
+            if axis < len(dims) and not dims[axis].dim_param:
+                raise OnnxVerificationError(
+                    f"torchfast.export.onnx: input '{graph_input.name}' of {path} has a fixed dim {axis} "
+                    f"({dims[axis].dim_value}) although it was marked dynamic ({name})")
 
 
 def _tolerance(dtype: torch.dtype, rtol: float | None, atol: float | None) -> tuple[float, float]:
@@ -218,8 +267,14 @@ def _verify(model, path: str, batches, input_names, rtol, atol) -> float:
         with torch.no_grad():
             expected = _flatten(model(*args))
         feed = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args) if n in graph_inputs}
-        got = session.run(None, feed)
-        where = f"{path} at batch size {args[0].shape[0]}"
+        try:
+            got = session.run(None, feed)
+        except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
+            raise OnnxVerificationError(
+                f"torchfast.export.onnx: onnxruntime cannot run {path} at input shape {list(args[0].shape)}: "
+                f"{str(e).strip()[:300]} (a shape the exporter fixed while tracing? the legacy exporter "
+                "does this for some modules; try exporter='dynamo')") from None
+        where = f"{path} at input shape {list(args[0].shape)}, batch size {args[0].shape[0]}"
         if len(got) != len(expected):
             raise OnnxVerificationError(f"torchfast.export.onnx: {where} gives {len(got)} outputs in "
                                         f"onnxruntime but the PyTorch model {len(expected)}")
@@ -240,8 +295,8 @@ def _verify(model, path: str, batches, input_names, rtol, atol) -> float:
 
 
 def onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool = True,
-         exporter: str = "dynamo", opset: int | None = None, verify: bool = True,
-         rtol: float | None = None, atol: float | None = None) -> OnnxExport:
+         dynamic_sequence: bool = False, exporter: str = "dynamo", opset: int | None = None,
+         verify: bool = True, rtol: float | None = None, atol: float | None = None) -> OnnxExport:
     """Export `model(*args)` to an ONNX file of standard ops at `path`, check it, and verify it.
 
     Args:
@@ -249,6 +304,8 @@ def onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool
         args: the example input Tensor, or a tuple of them (the model's positional inputs).
         path: the .onnx file to write (its folder must exist).
         dynamic_batch: make dim 0 of every input (and output) a symbolic "batch" axis.
+        dynamic_sequence: also make dim 1 of every input with 2+ dimensions a symbolic "sequence" axis
+            (token ids, hidden states); verification then also runs a sequence 3 positions longer.
         exporter: "dynamo" (torch.onnx.export(dynamo=True), torchfast ops translated by the table from
             `onnx_translation_table`) or "torchscript" (the legacy exporter, dynamo=False, using the
             symbolics registered at `import torchfast`).
@@ -260,12 +317,12 @@ def onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool
         rtol, atol: override the tolerance, by default torchfast.testing.TOLERANCES of the output dtype
             (exact for integer outputs). The table is per op; a deep model may need a looser one.
 
-    The file always passes `onnx.checker.check_model(full_check=True)`, and with dynamic_batch its
-    inputs' dim 0 is symbolic. Raises ValueError/TypeError for bad arguments and OnnxVerificationError
-    when onnxruntime disagrees. Returns OnnxExport(path, max_error): the largest absolute difference
+    The file always passes `onnx.checker.check_model(full_check=True)`, holds only standard-domain ops,
+    and the axes marked dynamic are symbolic in its inputs. Raises ValueError/TypeError for bad arguments
+    and OnnxVerificationError when onnxruntime disagrees. Returns OnnxExport(path, max_error): the largest absolute difference
     seen in verification (None when verify=False).
     """
-    args, opset = _check_arguments(model, args, exporter, opset, dynamic_batch)
+    args, opset = _check_arguments(model, args, exporter, opset, dynamic_batch, dynamic_sequence)
     if verify and any(a.dtype == torch.bfloat16 for a in args):
         raise _fail("args", "holds bfloat16 tensors, which onnxruntime cannot be fed (numpy has no "
                     "bfloat16); export in float32 or float16, or pass verify=False")
@@ -273,13 +330,16 @@ def onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool
     input_names = [f"input_{i}" for i in range(len(args))]
     with _eval_mode(model):
         if exporter == "dynamo":
-            _export_dynamo(model, args, path, opset, dynamic_batch, input_names)
+            _export_dynamo(model, args, path, opset, dynamic_batch, input_names, dynamic_sequence)
         else:
             with torch.no_grad():
                 n_outputs = len(_flatten(model(*args)))
-            _export_torchscript(model, args, path, opset, dynamic_batch, input_names, n_outputs)
-        _check_graph(path, dynamic_batch, input_names)
+            _export_torchscript(model, args, path, opset, dynamic_batch, input_names, n_outputs,
+                                dynamic_sequence)
+        _check_graph(path, _dynamic_dims(args, dynamic_batch, dynamic_sequence), input_names)
         if not verify:
             return OnnxExport(path, None)
         batches = [args, _other_batch(args)] if dynamic_batch else [args]
+        if dynamic_sequence:
+            batches.append(_other_sequence(args))
         return OnnxExport(path, _verify(model, path, batches, input_names, rtol, atol))
