@@ -81,23 +81,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def quantize_int8(src: str, dst: str) -> str:
-    """Dynamic int8 quantization of the weights of an ONNX file (onnxruntime.quantization), activations
-    quantized at run time. A small private helper; torchfast.compress will own this."""
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # its "consider pre-processing" notice concerns static quantization
-    try:
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
-    return dst
-
-
 def _size(path: str) -> str:
     n = os.path.getsize(path)
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
@@ -160,7 +143,9 @@ def run(
     print(f"onnx     {path}  {_size(path)}  (standard ONNX ops, {dyn}; {check})", file=out)
     if quantize == "int8":
         q_path = str(Path(path).with_suffix("")) + ".int8.onnx"
-        quantize_int8(path, q_path)
+        from torchfast.compress import quantize_onnx
+
+        quantize_onnx(path, q_path, mode="dynamic", calibration_data=inputs[0])
         ratio = os.path.getsize(q_path) / os.path.getsize(path)
         err = _ort_max_error(q_path, model, inputs)
         print(
