@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -37,8 +37,9 @@ from torch import nn
 
 import torchfast
 from torchfast import distributed as tfdist
-from torchfast._train_demo import TrainRun, train_with_trainer
 from torchfast._optimize._demo import optimized_plain_mlp
+from torchfast._train_demo import TrainRun, train_with_trainer
+from torchfast._util import num_threads
 
 D_IN, HIDDEN, D_OUT = 16, 128, 4
 BATCH = 256
@@ -158,16 +159,6 @@ def _name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # stages
-
-
-@contextlib.contextmanager
-def _num_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def train(model: nn.Module, teacher: Teacher, steps: int, device: torch.device, amp_dtype: torch.dtype,
@@ -325,7 +316,7 @@ def run(steps: int = 300, out: str | Path = "out", seed: int = 0, device: str = 
          log)
 
     try:
-        with _num_threads(TRAIN_THREADS) if dev.type == "cpu" else contextlib.nullcontext():
+        with num_threads(TRAIN_THREADS) if dev.type == "cpu" else contextlib.nullcontext():
             run_ = train(model, teacher, steps, dev, amp_dtype, Path(out), progress=progress)
     finally:
         tfdist.cleanup()  # no collective follows: rank 0 exports and times alone

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from torchfast._util import num_threads
 from torchfast.compress._common import fail, state_dict_bytes
 
 
@@ -106,16 +106,6 @@ def _numpy(out) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def compare(original, compressed, data, *, repeats: int = 20, warmup: int = 3, threads: int | None = None,
             clock: str = "wall") -> Comparison:
     """Compare a model with its compressed version: size on disk, latency, and output agreement.
@@ -151,7 +141,7 @@ def compare(original, compressed, data, *, repeats: int = 20, warmup: int = 3, t
     run_a, size_a = _runner("compare", "original", original, data, threads)
     run_b, size_b = _runner("compare", "compressed", compressed, data, threads)
     times: tuple[list[float], list[float]] = ([], [])
-    with _torch_threads(threads):
+    with num_threads(threads):
         out_a, out_b = _numpy(run_a()), _numpy(run_b())
         for _ in range(warmup):
             run_a(), run_b()
