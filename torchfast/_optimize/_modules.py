@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchfast.ops.glu import geglu, swiglu
+from torchfast.nn._glu_down import glu_down
 
 
 class GatedMLP(nn.Module):
@@ -31,11 +31,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = getattr(self, self.names[0])(x)
         up = getattr(self, self.names[1])(x)
-        if self.act == "swish":
-            h = swiglu(gate, up)
-        else:
-            h = geglu(gate, up, approximate="tanh" if self.act == "gelu_tanh" else "none")
-        return getattr(self, self.names[2])(h)
+        return glu_down(gate, up, getattr(self, self.names[2]), self.act)
 
     def extra_repr(self) -> str:
         return f"act={self.act!r}"

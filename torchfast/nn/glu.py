@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from torchfast.nn._glu_down import glu_down
 from torchfast.ops._activations import gelu_act
-from torchfast.ops.glu import geglu, swiglu
 
 
 class _GatedMLP(nn.Module):
@@ -24,12 +24,13 @@ class _GatedMLP(nn.Module):
 
 class SwiGLU(_GatedMLP):
     """down_proj(swish(gate_proj(x)) * up_proj(x)) (Shazeer 2020); the gate activation and product are one
-    fused op whose backward saves only the two projections' outputs."""
+    fused op. In training, autograd keeps only the two projections' outputs: the product, which
+    down_proj would keep, is recomputed in backward (torchfast/nn/_glu_down.py says when)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # the dispatcher op, as in torchfast/nn/swish.py
             return self.down_proj(torch.ops.torchfast.swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return glu_down(self.gate_proj(x), self.up_proj(x), self.down_proj, "swish")
 
 
 class GeGLU(_GatedMLP):
@@ -54,7 +55,8 @@ class GeGLU(_GatedMLP):
             return self.down_proj(
                 torch.ops.torchfast.geglu(self.gate_proj(x), self.up_proj(x), approximate=self.approximate)
             )
-        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x), approximate=self.approximate))
+        act = "gelu_tanh" if self.approximate == "tanh" else "gelu"
+        return glu_down(self.gate_proj(x), self.up_proj(x), self.down_proj, act)
 
     def extra_repr(self) -> str:
         return "" if self.approximate == "none" else f"approximate={self.approximate!r}"
