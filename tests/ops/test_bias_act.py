@@ -409,3 +409,27 @@ def test_ops_and_modules_work_without_compiled_extension():
         check=False,
     )
     assert out.returncode == 0 and "FALLBACK-OK" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("isa", torchfast._ext.runnable_cpu_isas() or ["none"])
+@pytest.mark.parametrize("dtype, fwd_eps, bwd_eps", [(torch.bfloat16, 0.55, 0.55), (torch.float16, 0.6, 3.0)],
+                         ids=["bfloat16", "float16"])
+def test_gelu_reduced_precision_accuracy_on_a_dense_grid(isa, dtype, fwd_eps, bwd_eps, restore_cpu_isa):
+    """gelu and its derivative in bf16/fp16 against float64, in units of the dtype's epsilon, where
+    |value| > 1e-3: the fwd is correctly rounded up to the float32 math's own error (about half an
+    epsilon); the derivative cancels near its zero at x = -0.75, so fp16 is allowed a few epsilons
+    there. (The bf16 kernels use a 14-bit reciprocal; fp16 keeps the exact division because of that
+    cancellation: with the approximate one this bound failed at 8.7 epsilons.)"""
+    if isa == "none":
+        pytest.skip("torchfast._C is not built: no CPU ISA variants to check")
+    torchfast._ext.set_cpu_isa(isa)
+    x = torch.linspace(-12, 12, 400_001).to(dtype)
+    ref = F.gelu(x.double())
+    dref = torch.func.grad(lambda t: F.gelu(t).sum())(x.double())
+    y = torch.ops.torchfast.bias_act(x, None, act="gelu").double()
+    dy = torch.ops.torchfast.bias_act_backward(torch.ones_like(x), x, None, act="gelu")[0].double()
+    eps = torch.finfo(dtype).eps
+    big, dbig = ref.abs() > 1e-3, dref.abs() > 1e-3
+    fwd = ((y - ref).abs() / ref.abs())[big].max().item() / eps
+    bwd = ((dy - dref).abs() / dref.abs())[dbig].max().item() / eps
+    assert fwd <= fwd_eps and bwd <= bwd_eps, (fwd, bwd)

@@ -78,7 +78,7 @@ struct Swish {
 // inside the exponential: a relative error of about z^2 * 1.2e-7, 1e-6 at x = -4 and 1.4e-5 at x = -12
 // where gelu(x) is -2e-32. So the tails stay accurate (gelu'(-10) = -7.7e-22 in float32, where torch's
 // float32 kernel returns 0). float64 keeps Sleef's 1.5-ULP erfc (std::erfc in the DEFAULT build).
-template <bool kReducedOutput>
+template <bool kReducedOutput, bool kBf16Output = false>
 struct GeluErf {
   static constexpr double kInvSqrt2Pi = 0.3989422804014327;  // 1 / sqrt(2 pi)
 
@@ -86,7 +86,11 @@ struct GeluErf {
   template <typename V>
   static V cdf(const V& x, V& e) {
     V z = x.abs() * V(M_SQRT1_2);
-    V t = V(1) / (V(1) + V(0.5) * z);
+    // t in (0, 1]. For bf16 outputs a 14-bit reciprocal is plenty (recip_approx): it adds at most
+    // 6e-5 relative to erfc, against bf16's 3.9e-3 rounding, and made bf16 gelu fwd+bwd about 1.2x
+    // faster. Not for fp16: near the zero of gelu' (x = -0.75) the derivative c + x * phi cancels,
+    // and its error there grew from 2 to 9 fp16 epsilons (relative to that small value).
+    V t = kBf16Output ? recip_approx(V(1) + V(0.5) * z) : V(1) / (V(1) + V(0.5) * z);
     V r;
     if constexpr (kReducedOutput) {
       r = V(0.0568109653);
@@ -173,7 +177,7 @@ struct GeluTanh {
 };
 
 template <typename T>
-using Gelu = GeluErf<at::vec::is_reduced_floating_point_v<T>>;
+using Gelu = GeluErf<at::vec::is_reduced_floating_point_v<T>, std::is_same_v<T, c10::BFloat16>>;
 
 // Calls fn(Act{}) with the functor of activation `code` (see act_codes.h) for data of type T.
 template <typename T, typename Fn>

@@ -40,6 +40,18 @@ inline Vectorized<T> round_to(const Vectorized<float>& lo, const Vectorized<floa
   return at::vec::convert_from_float<T>(lo, hi);
 }
 
+// 1 / d with a relative error below 2^-14, for math whose result is stored as bfloat16 or float16
+// (their rounding is 2^-9 / 2^-11): on AVX-512 one VRCP14PS instead of a division, which costs as
+// much as ten multiply-adds. Exact division elsewhere. rcp14(+-inf) = +-0 and rcp14(NaN) = NaN, as
+// 1/d; d must not be 0 (the callers' d is >= 1).
+inline Vectorized<float> recip_approx(const Vectorized<float>& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vectorized<float>(_mm512_rcp14_ps(d));
+#else
+  return Vectorized<float>(1) / d;
+#endif
+}
+
 // out[i] = fn(in1[i], in2[i], ...) over n elements of T: fn takes and returns compute_vec_t<T>
 // (float for the reduced types, which are widened on load and rounded once on store).
 template <typename T, typename Fn, typename... In>
