@@ -108,39 +108,19 @@ def known_candidate(parent, slot, qualname, child) -> Candidate | None:
         approx = child.approximate
         new = "torchfast.nn.GELU" + ("" if approx == "none" else f"(approximate={approx!r})")
         c.options = [(new, lambda: tfnn.GELU(approximate=approx))]
-    elif cls is nn.LayerNorm:
-        c.rule, c.shapes = "layer_norm", _norm_shapes(child.normalized_shape)
-        c.options = [
-            (
-                "torchfast.nn.LayerNorm",
-                lambda: _with_params(
-                    tfnn.LayerNorm(
-                        child.normalized_shape,
-                        eps=child.eps,
-                        elementwise_affine=child.elementwise_affine,
-                        bias=child.bias is not None,
-                        device="meta",
-                    ),
-                    child,
-                ),
-            )
-        ]
-    elif cls is nn.RMSNorm:
-        c.rule, c.shapes = "rms_norm", _norm_shapes(child.normalized_shape)
-        c.options = [
-            (
-                "torchfast.nn.RMSNorm",
-                lambda: _with_params(
-                    tfnn.RMSNorm(
-                        child.normalized_shape,
-                        eps=child.eps,
-                        elementwise_affine=child.elementwise_affine,
-                        device="meta",
-                    ),
-                    child,
-                ),
-            )
-        ]
+    elif cls in (nn.LayerNorm, nn.RMSNorm):
+        # Same constructor as the torch class (LayerNorm adds `bias`); the parameters are shared.
+        layer = cls is nn.LayerNorm
+        c.rule, c.shapes = ("layer_norm" if layer else "rms_norm"), _norm_shapes(child.normalized_shape)
+        extra = {"bias": child.bias is not None} if layer else {}
+        tf_cls = tfnn.LayerNorm if layer else tfnn.RMSNorm
+
+        def build():
+            fresh = tf_cls(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine,
+                           device="meta", **extra)
+            return _with_params(fresh, child)
+
+        c.options = [(f"torchfast.nn.{tf_cls.__name__}", build)]
     else:
         return None
     return c
