@@ -64,6 +64,9 @@ torchfast.distributed.barrier()
 torchfast.distributed.print_main(
     f"DDP-OK world_size={world.world_size} ({time.perf_counter() - t0:.1f} s)", flush=True
 )
+# Nothing of the trainings above may keep a DDP wrapper (and through it the process group) alive until
+# interpreter finalization: see torchfast.distributed._exit_cleanup.
+del trainer, model
 code = cli.main(["demo", *sys.argv[2:]]) if len(sys.argv) > 2 else 0
 torchfast.distributed.cleanup()
 sys.exit(code)
