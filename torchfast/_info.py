@@ -11,7 +11,8 @@ from torchfast._registry import REGISTRY
 
 
 def build_info() -> dict:
-    """Torch version, compiled backends (CPU ISA variants and the active one; CUDA and its archs),
+    """Torch version, compiled backends (CPU ISA variants and the active one; which library runs
+    torchfast.ops.linear's float32 CPU GEMMs; CUDA and its archs),
     Triton availability, visible GPU, and which devices each op has a compiled kernel for."""
     from torchfast import triton as tf_triton
 
@@ -29,6 +30,7 @@ def build_info() -> dict:
         "cpu_isas_runnable": _ext.runnable_cpu_isas(),
         "cpu_isa_active": _ext.active_cpu_isa(),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_matmul": _cpu_matmul(),
         "cuda_kernels": cuda_built,
         "cuda_arch_list": _ext.cuda_arch_list(),
         "triton": tf_triton.available(),
@@ -40,6 +42,15 @@ def build_info() -> dict:
             for name, spec in sorted(REGISTRY.items())
         },
     }
+
+
+def _cpu_matmul() -> str:
+    from torchfast.ops.linear import cpu_matmul_backend
+
+    try:
+        return cpu_matmul_backend()
+    except ValueError:
+        return "invalid TORCHFAST_CPU_MATMUL"
 
 
 def _version() -> str:

@@ -24,6 +24,7 @@ from torchfast._optimize._rules import (
     gated_mlp_candidate,
     known_candidate,
     linear_act_candidate,
+    plain_linear_candidate,
     user_candidate,
 )
 from torchfast._optimize._verify import (
@@ -137,7 +138,7 @@ class _Optimizer:
             if child is None or slot in done or isinstance(child, TORCHFAST_MODULES):
                 continue
             qualname = prefix + slot
-            for rule in (known_candidate, gated_mlp_candidate, user_candidate):
+            for rule in (known_candidate, gated_mlp_candidate, plain_linear_candidate, user_candidate):
                 c = rule(module, slot, qualname, child)
                 if c is not None:
                     break
@@ -166,6 +167,8 @@ def optimize(
       - a module with nn.Linear children named gate_proj/up_proj/down_proj (or w1/w3/w2, gate/up/down,
         wi_0/wi_1/wo) and no other state -> torchfast.nn.SwiGLU / GeGLU (or a GatedMLP keeping the
         names), whichever matches;
+      - a float32 CPU nn.Linear not fused with anything -> torchfast.nn.Linear, only where oneDNN's
+        GEMM is the faster one on this CPU (torchfast.ops.linear.cpu_matmul_backend() == "onednn");
       - user-defined leaf modules by what they compute: stateless ones against swish, gelu and gelu
         tanh; ones with a `weight` (and `bias`) and an epsilon attribute (variance_epsilon, eps, ...)
         against RMSNorm (LayerNorm).
@@ -177,7 +180,7 @@ def optimize(
     Args:
         model: any nn.Module (optimize before wrapping it in DistributedDataParallel).
         include: glob patterns of qualified module names, or rule names (torchfast._optimize.RULES:
-            silu, gelu, layer_norm, rms_norm, linear_act, gated_mlp, activation); when given, only
+            silu, gelu, layer_norm, rms_norm, linear_act, gated_mlp, activation, linear); when given, only
             matching candidates are considered. A fused pair matches by either of its names.
         exclude: the same kinds of patterns; matching candidates are left alone (reported "excluded").
         inplace: modify `model` itself; by default a deep copy is optimized and `model` is untouched.

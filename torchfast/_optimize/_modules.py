@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchfast.nn._glu_down import glu_down
+from torchfast.nn._glu_down import glu_down, project
 
 
 class GatedMLP(nn.Module):
@@ -29,8 +29,8 @@ class GatedMLP(nn.Module):
             self.add_module(name, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = getattr(self, self.names[0])(x)
-        up = getattr(self, self.names[1])(x)
+        gate = project(getattr(self, self.names[0]), x)
+        up = project(getattr(self, self.names[1]), x)
         return glu_down(gate, up, getattr(self, self.names[2]), self.act)
 
     def extra_repr(self) -> str:

@@ -13,13 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 import torchfast.nn as tfnn
+from torchfast.ops.linear import cpu_matmul_backend
 from torchfast._optimize._modules import GatedMLP
 
 # Rule names, usable in include= / exclude= patterns.
-RULES = ("silu", "gelu", "layer_norm", "rms_norm", "linear_act", "gated_mlp", "activation")
+RULES = ("silu", "gelu", "layer_norm", "rms_norm", "linear_act", "gated_mlp", "activation", "linear")
 
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon", "norm_eps", "rms_norm_eps", "layer_norm_eps")
 # (gate, up, down) child names of gated MLPs: Llama/Mistral/Qwen/Gemma, Meta's Llama and Mixtral, plain, T5.
@@ -94,6 +96,41 @@ def _with_params(new: nn.Module, old: nn.Module, names=("weight", "bias")) -> nn
 
 def _norm_shapes(shape) -> tuple[tuple[int, ...], ...]:
     return ((4, *shape), (2, 3, *shape))
+
+
+MIN_LINEAR_WEIGHT = 256 * 256  # with torchfast.ops.linear's 2^24 multiply-adds: from 256 tokens a call
+
+
+def _hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def plain_linear_candidate(parent, slot, qualname, child) -> Candidate | None:
+    """A float32 CPU nn.Linear not fused with anything -> torchfast.nn.Linear (activation None), whose
+    GEMMs go through oneDNN; offered only where that is the faster library (`cpu_matmul_backend()` is
+    "onednn") and for weights of at least MIN_LINEAR_WEIGHT elements: elsewhere the swap would change
+    nothing (a smaller layer needs thousands of tokens per call to reach oneDNN's threshold)."""
+    if type(child) is not nn.Linear or cpu_matmul_backend() != "onednn":
+        return None
+    w = child.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32 or w.numel() < MIN_LINEAR_WEIGHT:
+        return None
+    c = Candidate(
+        "linear",
+        parent,
+        [slot],
+        [qualname],
+        "nn.Linear",
+        child,
+        ((4, child.in_features), (2, 3, child.in_features)),
+    )
+    if _hooks(child):
+        c.unsupported = "has hooks (e.g. pruning's), which run only on the module they were registered on"
+    elif any(p is not None and type(p) is not nn.Parameter for p in (child.weight, child.bias)):
+        c.unsupported = "its weight is not a plain Parameter (quantized or otherwise wrapped)"
+    else:
+        c.options = [("torchfast.nn.Linear", lambda: tfnn.Linear.from_linear(child, None))]
+    return c
 
 
 def known_candidate(parent, slot, qualname, child) -> Candidate | None:

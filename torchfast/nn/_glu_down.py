@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from torchfast._registry import select
 from torchfast.ops import glu as glu_ops
+from torchfast.ops import linear as linear_ops
 
 _ACTS = ("swish", "gelu", "gelu_tanh")
 
@@ -52,6 +53,14 @@ def _plain_linear(m: nn.Module) -> bool:
     return all(p is None or type(p) is nn.Parameter for p in (m.weight, m.bias))
 
 
+def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x) for a gated MLP's projection: a plain nn.Linear runs as `torchfast.ops.linear` (oneDNN's
+    GEMM where that is the faster one), anything else (hooked, pruned, quantized) through its own call."""
+    if _plain_linear(m):
+        return linear_ops.linear(x, m.weight, m.bias)
+    return m(x)
+
+
 def _recording(*tensors: torch.Tensor) -> bool:
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return False
@@ -64,11 +73,15 @@ class _GluDown(torch.autograd.Function):
     """y = F.linear(glu(gate, up), weight, bias), saving gate and up only."""
 
     @staticmethod
-    def forward(ctx, gate, up, weight, bias, act):
+    def forward(ctx, gate, up, weight, bias, act, onednn):
         h = _glu_native(act, gate, up)
-        y = F.linear(h, weight, bias)  # under autocast: in the autocast dtype, as nn.Linear would
+        if onednn:  # decided by glu_down (linear_ops.eligible), outside what torch.compile traces
+            y = linear_ops.onednn_linear(h, weight, bias)
+        else:
+            y = F.linear(h, weight, bias)  # under autocast: in the autocast dtype, as nn.Linear would
         ctx.save_for_backward(gate, up, weight)
         ctx.act = act
+        ctx.onednn = onednn
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
@@ -82,7 +95,10 @@ class _GluDown(torch.autograd.Function):
         # the parameter gradients come back in the parameters' dtypes, as autocast's casts would give.
         cdt = grad_y.dtype
         gy = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_h = (grad_y @ weight.to(cdt)).to(gate.dtype)
+        if ctx.onednn:
+            grad_h = linear_ops.onednn_linear(grad_y, weight.t())
+        else:
+            grad_h = (grad_y @ weight.to(cdt)).to(gate.dtype)
         grad_w = (gy.t() @ h.reshape(-1, h.shape[-1]).to(cdt)).to(weight.dtype)
         acc = torch.promote_types(cdt, torch.float32)  # bf16/fp16 gradients summed in float32
         grad_b = gy.sum(0, dtype=acc).to(ctx.bias_dtype) if ctx.has_bias else None
@@ -91,7 +107,7 @@ class _GluDown(torch.autograd.Function):
         else:
             approx = "tanh" if ctx.act == "gelu_tanh" else "none"
             grad_gate, grad_up = torch.ops.torchfast.geglu_backward(grad_h, gate, up, approximate=approx)
-        return grad_gate, grad_up, grad_w, grad_b, None
+        return grad_gate, grad_up, grad_w, grad_b, None, None
 
 
 def glu_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, act: str) -> torch.Tensor:
@@ -108,5 +124,6 @@ def glu_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, act: str) ->
         and select(spec, (gate, up), None).name == "native"
     )
     if not fused:
-        return down(_glu(act, gate, up))
-    return _GluDown.apply(gate, up, down.weight, down.bias, act)
+        return project(down, _glu(act, gate, up))
+    onednn = linear_ops.eligible(gate, down.weight, down.bias)  # gate: h's shape, dtype and device
+    return _GluDown.apply(gate, up, down.weight, down.bias, act, onednn)

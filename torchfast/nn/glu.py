@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchfast.nn._glu_down import glu_down
+from torchfast.nn._glu_down import glu_down, project
 from torchfast.ops._activations import gelu_act
 
 
@@ -30,7 +30,7 @@ class SwiGLU(_GatedMLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # the dispatcher op, as in torchfast/nn/swish.py
             return self.down_proj(torch.ops.torchfast.swiglu(self.gate_proj(x), self.up_proj(x)))
-        return glu_down(self.gate_proj(x), self.up_proj(x), self.down_proj, "swish")
+        return glu_down(project(self.gate_proj, x), project(self.up_proj, x), self.down_proj, "swish")
 
 
 class GeGLU(_GatedMLP):
@@ -56,7 +56,7 @@ class GeGLU(_GatedMLP):
                 torch.ops.torchfast.geglu(self.gate_proj(x), self.up_proj(x), approximate=self.approximate)
             )
         act = "gelu_tanh" if self.approximate == "tanh" else "gelu"
-        return glu_down(self.gate_proj(x), self.up_proj(x), self.down_proj, act)
+        return glu_down(project(self.gate_proj, x), project(self.up_proj, x), self.down_proj, act)
 
     def extra_repr(self) -> str:
         return "" if self.approximate == "none" else f"approximate={self.approximate!r}"

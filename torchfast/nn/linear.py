@@ -8,10 +8,12 @@ from torch import nn
 
 from torchfast.ops._activations import check_act
 from torchfast.ops.bias_act import bias_act
+from torchfast.ops.linear import linear
 
 
 class Linear(nn.Linear):
-    """y = act(x W^T + b): the matmul through torch (BLAS / cuBLAS), then bias and activation in one
+    """y = act(x W^T + b): the matmul through torch (BLAS / cuBLAS; on CPUs where oneDNN's float32 GEMM
+    is the faster one, through oneDNN, see `torchfast.ops.linear`), then bias and activation in one
     fused pass (`torchfast.bias_act`) instead of the bias copy, the activation's extra tensor and, in
     backward, separate activation-gradient and bias-reduction passes.
 
@@ -53,13 +55,15 @@ class Linear(nn.Linear):
         return new
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.activation is None:
-            return F.linear(input, self.weight, self.bias)
         if torch.jit.is_scripting():
             # TorchScript cannot compile torchfast's Python dispatch (see torchfast/nn/swish.py): a
             # scripted module calls the dispatcher op that the dispatch runs by default.
+            if self.activation is None:
+                return F.linear(input, self.weight, self.bias)
             return torch.ops.torchfast.bias_act(F.linear(input, self.weight), self.bias, act=self.activation)
-        return bias_act(F.linear(input, self.weight), self.bias, act=self.activation)
+        if self.activation is None:
+            return linear(input, self.weight, self.bias)
+        return bias_act(linear(input, self.weight), self.bias, act=self.activation)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()

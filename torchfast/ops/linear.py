@@ -1,0 +1,149 @@
+"""y = x W^T + b with the CPU float32 matmuls through oneDNN where that is the faster GEMM.
+
+torch sends a float32 `F.linear` on CPU to MKL's sgemm. On AMD CPUs MKL does not run its AVX-512
+kernels, and oneDNN's (which torch also ships, as `torch.ops.mkldnn._linear_pointwise`, the op
+inductor's CPU backend uses) are faster: on the AMD EPYC (AVX-512) of our CI, 1.1-1.2x for the forward
+and input-gradient GEMMs of transformer-sized layers and up to 1.8x for few-token ones (measured by
+benchmarks/bench_linear.py). `linear` routes those two GEMMs there and leaves everything else to
+torch: the weight-gradient GEMM (where oneDNN is not faster here), bfloat16/float16 (torch already
+uses oneDNN for them), GPUs, autocast, torch.compile / tracing / export (the ordinary F.linear, so
+exported graphs and inductor are unchanged), functorch transforms, forward-mode AD, tensor subclasses
+(quantized weights, DTensor) and small GEMMs (oneDNN's per-call cost is larger than MKL's).
+
+Which backend runs is `cpu_matmul_backend()`: the environment variable TORCHFAST_CPU_MATMUL =
+"onednn", "blas" or "auto" (the default: oneDNN on AMD/Hygon x86 CPUs, where it was measured faster,
+torch's BLAS elsewhere, e.g. on Intel, where MKL runs its own AVX-512 kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+_ENV = "TORCHFAST_CPU_MATMUL"
+_BACKENDS = ("auto", "onednn", "blas")
+# Below about 2^24 multiply-adds the oneDNN call's fixed cost (primitive lookup, ~15 us) outweighs its
+# faster kernel (measured: 128x256x256 is 0.9x, 256x512x512 1.18x).
+_MIN_MACS = 1 << 24
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_available() -> bool:
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(setting: str) -> str:
+    if setting not in _BACKENDS:
+        raise ValueError(
+            f"torchfast linear: environment variable {_ENV} must be one of {_BACKENDS}, got {setting!r}"
+        )
+    if setting == "blas" or not _onednn_available():
+        return "blas"
+    if setting == "onednn":
+        return "onednn"
+    return "onednn" if _cpu_vendor() in ("AuthenticAMD", "HygonGenuine") else "blas"
+
+
+def cpu_matmul_backend() -> str:
+    """"onednn" or "blas": which library runs `linear`'s float32 CPU GEMMs in this process, from
+    TORCHFAST_CPU_MATMUL (read on every call, so tests and users can switch it) and this CPU."""
+    return _resolve(os.environ.get(_ENV, "auto").strip().lower() or "auto")
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eligible(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """The fast path runs exactly where it is F.linear with another GEMM library, and nothing could
+    notice the difference but the speed (see the module docstring for what is left to torch)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: constant under dynamo
+        return False
+    if type(x) not in _PLAIN or type(w) not in _PLAIN or (b is not None and type(b) not in _PLAIN):
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or w.device.type != "cpu":
+        return False
+    if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu" or b.shape != (w.shape[0],)):
+        return False
+    if x.dim() < 2 or w.dim() != 2 or x.shape[-1] != w.shape[1] or x.numel() == 0 or w.numel() == 0:
+        return False
+    if x.numel() * w.shape[0] < _MIN_MACS:  # (tokens x in) x out multiply-adds
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.onnx.is_in_onnx_export():
+        return False
+    if torch._C._are_functorch_transforms_active():  # vmap / grad / jvp wrappers
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:  # inside dual_level: F.linear's jvp is needed
+        return False
+    return cpu_matmul_backend() == "onednn"
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias through oneDNN, no autograd (x of any rank >= 2; weight may be a transposed
+    view, read in place). Only for calls `eligible` accepted."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """F.linear with the forward and grad-input GEMMs through oneDNN. Saves what F.linear saves (the
+    input and the weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if torch.is_grad_enabled():
+            # create_graph=True (e.g. a gradient penalty): differentiable torch ops, as F.linear's own
+            # backward would record.
+            if ctx.needs_input_grad[0]:
+                grad_x = g.mm(weight).view(x.shape)
+        elif ctx.needs_input_grad[0]:
+            grad_x = onednn_linear(g, weight.t()).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = g.t().mm(x.reshape(-1, x.shape[-1]))  # MKL: oneDNN is not faster for this one here
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = input @ weight^T + bias, exactly `torch.nn.functional.linear`'s contract (shapes, dtypes,
+    errors, gradients including double backward), with float32 CPU GEMMs through oneDNN where
+    `cpu_matmul_backend()` says so and the call is eligible (see the module docstring); elsewhere it
+    is F.linear. Results agree with F.linear to float32 rounding (the GEMMs sum in another order)."""
+    if not eligible(input, weight, bias):
+        return F.linear(input, weight, bias)
+    if torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return _OneDnnLinear.apply(input, weight, bias)
+    return onednn_linear(input, weight, bias)
+
+
+__all__ = ["cpu_matmul_backend", "linear"]
