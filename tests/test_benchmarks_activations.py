@@ -67,3 +67,23 @@ def test_bench_glu_quick(tmp_path):
         ("eager", 2.0),
         ("compiled", 1.2),
     }
+
+
+def test_bench_linear_quick(tmp_path):
+    """bench_linear.py compares torchfast.ops.linear with oneDNN forced against F.linear; on a CPU torch
+    has no oneDNN GEMM for, it says so and exits 1."""
+    from torchfast.ops.linear import _onednn_available
+
+    if not _onednn_available():
+        proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_linear.py"), "--quick"],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 1 and "no oneDNN GEMM" in proc.stderr
+        return
+    stdout, data = _run("bench_linear.py", tmp_path / "lin.json")
+    for heading in ("torchfast ms", "blas ms", "vs blas", "linear fwd+bwd", "'auto' would pick"):
+        assert heading in stdout, f"'{heading}' missing:\n{stdout}"
+    assert {(c["params"]["mode"], c["params"]["shape"]) for c in data["results"]} == {
+        ("fwd", "256x256x256"), ("fwd+bwd", "256x256x256")}
+    for c in data["results"]:
+        assert set(c["variants"]) == {"torchfast", "blas"}
+        assert all(v["ms"]["median"] > 0 for v in c["variants"].values())
