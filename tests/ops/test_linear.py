@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfast
-from torchfast.nn import _glu_down
 from torchfast.ops import linear as L
 from torchfast.testing import assert_close
 
@@ -72,7 +71,8 @@ def test_backend_setting(monkeypatch):
     assert L.cpu_matmul_backend() == ("onednn" if ONEDNN else "blas")
     monkeypatch.setenv("TORCHFAST_CPU_MATMUL", "auto")
     vendor = L._cpu_vendor()
-    assert L.cpu_matmul_backend() == ("onednn" if ONEDNN and vendor in ("AuthenticAMD", "HygonGenuine") else "blas")
+    amd = vendor in ("AuthenticAMD", "HygonGenuine")
+    assert L.cpu_matmul_backend() == ("onednn" if ONEDNN and amd else "blas")
     monkeypatch.setenv("TORCHFAST_CPU_MATMUL", "fastest")
     with pytest.raises(ValueError, match="TORCHFAST_CPU_MATMUL must be one of"):
         L.cpu_matmul_backend()
@@ -92,7 +92,8 @@ def test_matches_float64_reference(onednn, bias, layout):
     y, grads = _grads(L.linear, x, w, b, grad_out)
     assert onednn["n"] == 2  # forward and grad-input GEMMs
     y32, grads32 = _grads(F.linear, x, w, b, grad_out)
-    y64, grads64 = _grads(F.linear, x.double(), w.double(), None if b is None else b.double(), grad_out.double())
+    b64 = None if b is None else b.double()
+    y64, grads64 = _grads(F.linear, x.double(), w.double(), b64, grad_out.double())
     _as_accurate_as_f_linear(y, y32, y64, "output")
     for i, (got, g32, g64) in enumerate(zip(grads, grads32, grads64)):
         _as_accurate_as_f_linear(got, g32, g64, f"gradient {i}")
@@ -231,7 +232,9 @@ def test_hooked_projection_runs_its_own_call(onednn):
 
 
 def _wide_mlp():
-    return nn.Sequential(nn.Linear(IN, 512), nn.SiLU(), nn.Linear(512, OUT), nn.LayerNorm(OUT), nn.Linear(OUT, 4))
+    return nn.Sequential(
+        nn.Linear(IN, 512), nn.SiLU(), nn.Linear(512, OUT), nn.LayerNorm(OUT), nn.Linear(OUT, 4)
+    )
 
 
 def test_optimize_linear_rule(onednn):
@@ -241,7 +244,8 @@ def test_optimize_linear_rule(onednn):
     opt, report = torchfast.optimize(model, example_inputs=torch.randn(2, 8, IN))
     assert {r.name: r.rule for r in report.replaced} == {"0 + 1": "linear_act", "3": "layer_norm"}
     # '2' has a hook; '4' (256 x 4 weights) is too small to ever gain.
-    assert {(s.name, s.rule, s.reason) for s in report.left_alone} == {("2", "linear", "unsupported configuration")}
+    left = {(s.name, s.rule, s.reason) for s in report.left_alone}
+    assert left == {("2", "linear", "unsupported configuration")}
     model[2]._forward_pre_hooks.clear()
     opt, report = torchfast.optimize(model, example_inputs=torch.randn(2, 8, IN))
     assert {r.name: r.new for r in report.replaced if r.rule == "linear"} == {"2": "torchfast.nn.Linear"}

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 import torchfast.nn as tfnn
-from torchfast.ops.linear import cpu_matmul_backend
 from torchfast._optimize._modules import GatedMLP
+from torchfast.ops.linear import cpu_matmul_backend
 
 # Rule names, usable in include= / exclude= patterns.
 RULES = ("silu", "gelu", "layer_norm", "rms_norm", "linear_act", "gated_mlp", "activation", "linear")

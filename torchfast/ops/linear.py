@@ -79,7 +79,9 @@ def eligible(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
         return False
     if type(x) not in _PLAIN or type(w) not in _PLAIN or (b is not None and type(b) not in _PLAIN):
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or w.device.type != "cpu":
+    if x.device.type != "cpu" or w.device.type != "cpu":
+        return False
+    if x.dtype != torch.float32 or w.dtype != torch.float32:
         return False
     if b is not None and (b.dtype != torch.float32 or b.device.type != "cpu" or b.shape != (w.shape[0],)):
         return False
