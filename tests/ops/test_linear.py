@@ -6,6 +6,8 @@ export, compile, tensor subclasses. Also the SwiGLU paths that use it and optimi
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,6 +167,7 @@ def test_steps_aside(onednn):
     check(lambda: torch.func.grad(lambda t: L.linear(t, w, b).sum())(x))
     check(lambda: torch.jit.trace(lambda t: L.linear(t, w, b), (x,), check_trace=False))
     check(lambda: torch.export.export(torchfast.nn.Linear(IN, OUT), (x,)))
+    check(lambda: torch.onnx.export(torchfast.nn.Linear(IN, OUT), (x,), io.BytesIO(), dynamo=False))
     # A different error for a wrong shape would be a different contract: it is F.linear's own.
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         L.linear(x, w[:, :8], b)
@@ -180,19 +183,44 @@ def test_tensor_subclass_weight_is_left_to_torch(onednn):
 
 
 def test_linear_module_and_compile(onednn):
+    """torchfast.nn.Linear (with and without activation) runs the oneDNN op eagerly and keeps it in a
+    torch.compile graph (fullgraph, forward and backward); torch.export gets aten.linear."""
     torch.manual_seed(0)
     ref = nn.Linear(IN, OUT)
     for act in (None, "gelu"):
         m = torchfast.nn.Linear.from_linear(ref, act)
         x = torch.randn(X_SHAPE, requires_grad=True)
         want = ref(x) if act is None else F.gelu(ref(x))
+        (want_gx,) = torch.autograd.grad(want.square().sum(), x)
         before = onednn["n"]
         got = m(x)
         assert onednn["n"] == before + 1
         assert_close(got, want, **LOOSE)
+        torch._dynamo.reset()
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-        assert_close(compiled(x), want, **LOOSE)
-        assert onednn["n"] == before + 1  # compiled graphs keep aten.linear / mm
+        got = compiled(x)
+        (gx,) = torch.autograd.grad(got.square().sum(), x)
+        assert onednn["n"] == before + 3  # eager forward, compiled forward and grad-input GEMM
+        assert_close(got, want, **LOOSE)
+        assert_close(gx, want_gx, **LOOSE)
+    graph = torch.export.export(m, (x.detach(),)).graph_module.code
+    assert "_onednn_linear" not in graph and "linear" in graph
+
+
+def test_onednn_linear_operator():
+    """The operator behind the fast path: opcheck (schema, fake kernel, autograd registration), and
+    its own errors when called directly with what it does not take."""
+    if not ONEDNN:
+        pytest.skip("torch was built without oneDNN for this CPU")
+    op = torch.ops.torchfast._onednn_linear.default
+    x, w, b = _data()
+    for args in ((x, w, b), (x.reshape(-1, IN), w, None), (x, w.t().contiguous().t(), b)):
+        args = tuple(None if a is None else a.clone().requires_grad_() for a in args)
+        torch.library.opcheck(op, args)
+    with pytest.raises(ValueError, match="argument 'weight' must be a float32 CPU tensor"):
+        op(x, w.double(), b)
+    with pytest.raises(ValueError, match=r"'x' \(2, 256, 256\) and 'weight' \(256, 8\)"):
+        op(x, w[:, :8], b)
 
 
 @pytest.mark.parametrize("cls", [torchfast.nn.SwiGLU, torchfast.nn.GeGLU])

@@ -75,8 +75,8 @@ class _GluDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, bias, act, onednn):
         h = _glu_native(act, gate, up)
-        if onednn:  # decided by glu_down (linear_ops.eligible), outside what torch.compile traces
-            y = linear_ops.onednn_linear(h, weight, bias)
+        if onednn:  # decided by glu_down (linear_ops.eligible)
+            y = torch.ops.torchfast._onednn_linear(h, weight, bias)
         else:
             y = F.linear(h, weight, bias)  # under autocast: in the autocast dtype, as nn.Linear would
         ctx.save_for_backward(gate, up, weight)
@@ -96,7 +96,7 @@ class _GluDown(torch.autograd.Function):
         cdt = grad_y.dtype
         gy = grad_y.reshape(-1, grad_y.shape[-1])
         if ctx.onednn:
-            grad_h = linear_ops.onednn_linear(grad_y, weight.t())
+            grad_h = torch.ops.torchfast._onednn_linear(grad_y, weight.t(), None)
         else:
             grad_h = (grad_y @ weight.to(cdt)).to(gate.dtype)
         grad_w = (gy.t() @ h.reshape(-1, h.shape[-1]).to(cdt)).to(weight.dtype)

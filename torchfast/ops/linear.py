@@ -6,9 +6,12 @@ inductor's CPU backend uses) are faster: on the AMD EPYC (AVX-512) of our CI, 1.
 and input-gradient GEMMs of transformer-sized layers and up to 1.8x for few-token ones (measured by
 benchmarks/bench_linear.py). `linear` routes those two GEMMs there and leaves everything else to
 torch: the weight-gradient GEMM (where oneDNN is not faster here), bfloat16/float16 (torch already
-uses oneDNN for them), GPUs, autocast, torch.compile / tracing / export (the ordinary F.linear, so
-exported graphs and inductor are unchanged), functorch transforms, forward-mode AD, tensor subclasses
-(quantized weights, DTensor) and small GEMMs (oneDNN's per-call cost is larger than MKL's).
+uses oneDNN for them), GPUs, autocast, tracing and export (the ordinary F.linear, so exported graphs
+are unchanged), functorch transforms, forward-mode AD, tensor subclasses (quantized weights, DTensor)
+and small GEMMs (oneDNN's per-call cost is larger than MKL's).
+
+The oneDNN GEMM is the operator `torchfast::_onednn_linear` (internal: fake kernel and autograd, so
+torch.compile keeps it in the graph as an opaque call, where inductor would otherwise pick MKL again).
 
 Which backend runs is `cpu_matmul_backend()`: the environment variable TORCHFAST_CPU_MATMUL =
 "onednn", "blas" or "auto" (the default: oneDNN on AMD/Hygon x86 CPUs, where it was measured faster,
@@ -65,8 +68,15 @@ def _resolve(setting: str) -> str:
 
 def cpu_matmul_backend() -> str:
     """"onednn" or "blas": which library runs `linear`'s float32 CPU GEMMs in this process, from
-    TORCHFAST_CPU_MATMUL (read on every call, so tests and users can switch it) and this CPU."""
+    TORCHFAST_CPU_MATMUL (read on every eager call, so tests and users can switch it; a compiled graph
+    keeps the choice it was traced with) and this CPU."""
     return _resolve(os.environ.get(_ENV, "auto").strip().lower() or "auto")
+
+
+@torch.compiler.assume_constant_result
+def _backend_at_trace() -> str:
+    # dynamo cannot trace os.environ / lru_cache: the choice becomes a constant of the traced graph.
+    return cpu_matmul_backend()
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -74,8 +84,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def eligible(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     """The fast path runs exactly where it is F.linear with another GEMM library, and nothing could
-    notice the difference but the speed (see the module docstring for what is left to torch)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: constant under dynamo
+    notice the difference but the speed (see the module docstring for what is left to torch). Under
+    torch.compile only what a traced graph fixes is looked at (dynamo handles functorch and forward
+    AD around the graph itself)."""
+    compiling = torch.compiler.is_compiling()
+    if torch.jit.is_tracing() or (compiling and torch.compiler.is_exporting()):
         return False
     if type(x) not in _PLAIN or type(w) not in _PLAIN or (b is not None and type(b) not in _PLAIN):
         return False
@@ -89,9 +102,11 @@ def eligible(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
         return False
     if x.numel() * w.shape[0] < _MIN_MACS:  # (tokens x in) x out multiply-adds
         return False
-    if torch.is_autocast_enabled("cpu") or torch.onnx.is_in_onnx_export():
+    if torch.is_autocast_enabled("cpu"):
         return False
-    if torch._C._are_functorch_transforms_active():  # vmap / grad / jvp wrappers
+    if compiling:
+        return _backend_at_trace() == "onednn"
+    if torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active():  # vmap / grad
         return False
     if torch.autograd.forward_ad._current_level >= 0:  # inside dual_level: F.linear's jvp is needed
         return False
@@ -100,38 +115,58 @@ def eligible(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T + bias through oneDNN, no autograd (x of any rank >= 2; weight may be a transposed
-    view, read in place). Only for calls `eligible` accepted."""
+    view, read in place). The body of torchfast::_onednn_linear."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-class _OneDnnLinear(torch.autograd.Function):
-    """F.linear with the forward and grad-input GEMMs through oneDNN. Saves what F.linear saves (the
-    input and the weight)."""
+_OP = "torchfast::_onednn_linear"
 
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return onednn_linear(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if torch.is_grad_enabled():
-            # create_graph=True (e.g. a gradient penalty): differentiable torch ops, as F.linear's own
-            # backward would record.
-            if ctx.needs_input_grad[0]:
-                grad_x = g.mm(weight).view(x.shape)
-        elif ctx.needs_input_grad[0]:
-            grad_x = onednn_linear(g, weight.t()).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = g.t().mm(x.reshape(-1, x.shape[-1]))  # MKL: oneDNN is not faster for this one here
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
-        return grad_x, grad_w, grad_b
+@torch.library.custom_op(_OP, mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+def _onednn_linear_op(x, weight, bias):
+    """F.linear through oneDNN on float32 CPU tensors (internal: `linear` checks when it applies)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+            raise ValueError(
+                f"torchfast._onednn_linear: argument '{name}' must be a float32 CPU tensor, "
+                f"got {t.dtype} on {t.device}"
+            )
+    if x.dim() < 2 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"torchfast._onednn_linear: arguments 'x' {tuple(x.shape)} and 'weight' {tuple(weight.shape)} "
+            "must be (..., in) and (out, in)"
+        )
+    return onednn_linear(x, weight, bias)
+
+
+@_onednn_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)  # what F.linear saves
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    """The grad-input GEMM through oneDNN again (this op, so double backward works), the weight
+    gradient through torch's mm (MKL: oneDNN is not faster for it here), the bias gradient a sum."""
+    x, weight = ctx.saved_tensors
+    g = grad_y.reshape(-1, grad_y.shape[-1])
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.torchfast._onednn_linear(grad_y, weight.t(), None)
+    if ctx.needs_input_grad[1]:
+        grad_w = g.t().mm(x.reshape(-1, x.shape[-1]))
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = g.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+_onednn_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,11 +176,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     is F.linear. Results agree with F.linear to float32 rounding (the GEMMs sum in another order)."""
     if not eligible(input, weight, bias):
         return F.linear(input, weight, bias)
-    if torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return _OneDnnLinear.apply(input, weight, bias)
-    return onednn_linear(input, weight, bias)
+    return torch.ops.torchfast._onednn_linear(input, weight, bias)
 
 
 __all__ = ["cpu_matmul_backend", "linear"]
