@@ -30,6 +30,7 @@ def onednn(monkeypatch):
     if not ONEDNN:
         pytest.skip("torch was built without oneDNN for this CPU")
     monkeypatch.setenv("TORCHFAST_CPU_MATMUL", "onednn")
+    monkeypatch.setattr(L, "_BACKEND_FOR_COMPILE", "onednn")  # what compiled graphs use
     calls = {"n": 0}
     real = L.onednn_linear
 

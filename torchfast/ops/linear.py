@@ -68,15 +68,23 @@ def _resolve(setting: str) -> str:
 
 def cpu_matmul_backend() -> str:
     """"onednn" or "blas": which library runs `linear`'s float32 CPU GEMMs in this process, from
-    TORCHFAST_CPU_MATMUL (read on every eager call, so tests and users can switch it; a compiled graph
-    keeps the choice it was traced with) and this CPU."""
+    TORCHFAST_CPU_MATMUL (read on every eager call, so tests and users can switch it; torch.compile
+    graphs use its value when torchfast was imported) and this CPU."""
     return _resolve(os.environ.get(_ENV, "auto").strip().lower() or "auto")
 
 
-@torch.compiler.assume_constant_result
-def _backend_at_trace() -> str:
-    # dynamo cannot trace os.environ / lru_cache: the choice becomes a constant of the traced graph.
-    return cpu_matmul_backend()
+def _backend_or_blas() -> str:
+    try:
+        return cpu_matmul_backend()
+    except ValueError:  # a bad TORCHFAST_CPU_MATMUL: the eager calls raise and say why
+        return "blas"
+
+
+# What torch.compile graphs use: dynamo reads this global (and guards on it) instead of tracing
+# os.environ and the lru_cache above, so a compiled graph takes the choice made when torchfast was
+# imported. (torch.compiler.assume_constant_result would re-read it per trace, but importing it imports
+# dynamo, a second of import time.)
+_BACKEND_FOR_COMPILE = _backend_or_blas()
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -105,7 +113,7 @@ def eligible(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
     if torch.is_autocast_enabled("cpu"):
         return False
     if compiling:
-        return _backend_at_trace() == "onednn"
+        return _BACKEND_FOR_COMPILE == "onednn"
     if torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active():  # vmap / grad
         return False
     if torch.autograd.forward_ad._current_level >= 0:  # inside dual_level: F.linear's jvp is needed
