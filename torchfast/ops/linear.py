@@ -1,11 +1,11 @@
 """y = x W^T + b with the CPU float32 matmuls through oneDNN where that is the faster GEMM.
 
-torch sends a float32 `F.linear` on CPU to MKL's sgemm. On AMD CPUs MKL does not run its AVX-512
-kernels, and oneDNN's (which torch also ships, as `torch.ops.mkldnn._linear_pointwise`, the op
-inductor's CPU backend uses) are faster: on the AMD EPYC (AVX-512) of our CI, 1.1-1.2x for the forward
-and input-gradient GEMMs of transformer-sized layers and up to 1.8x for few-token ones (measured by
-benchmarks/bench_linear.py). `linear` routes those two GEMMs there and leaves everything else to
-torch: the weight-gradient GEMM (where oneDNN is not faster here), bfloat16/float16 (torch already
+torch sends a float32 `F.linear` on CPU to MKL's sgemm. MKL picks its code path by CPU vendor, and on
+AMD CPUs oneDNN's GEMM kernels (which torch also ships, as `torch.ops.mkldnn._linear_pointwise`, the op
+inductor's CPU backend uses) are faster: on the AMD EPYC (AVX-512) of our CI, 1.07-1.21x for the forward
+GEMM of transformer-sized layers and 1.39x for a few-token one (measured by
+benchmarks/bench_linear.py). `linear` routes the forward and input-gradient GEMMs there and leaves
+everything else to torch: the weight-gradient GEMM (where oneDNN is not faster here), bfloat16/float16 (torch already
 uses oneDNN for them), GPUs, autocast, tracing and export (the ordinary F.linear, so exported graphs
 are unchanged), functorch transforms, forward-mode AD, tensor subclasses (quantized weights, DTensor)
 and small GEMMs (oneDNN's per-call cost is larger than MKL's).
