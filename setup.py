@@ -5,6 +5,9 @@ per CPU ISA (x86-64: DEFAULT, AVX2, AVX512, AVX512_BF16; picked at run time like
 csrc/ops/*/*_cuda.cu for CUDA. Knobs (environment):
   TORCHFAST_CUDA=1|0     force / disable the CUDA kernels (default: when torch has CUDA and nvcc exists)
   TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0")
+  TORCHFAST_CPU_ISAS     comma-separated subset of the CPU ISA variants to build (default: all of this
+                         architecture's; DEFAULT is always built), for quicker builds that do not need
+                         them all, e.g. the CUDA build check
   MAX_JOBS               parallel compile jobs (torch's ninja build)
 Build against the installed torch: pip install --no-build-isolation -e .
 """
@@ -54,6 +57,14 @@ ISA_FLAGS = {
 ISA_FLAGS["AVX512_BF16"] = ISA_FLAGS["AVX512"] + ["-mavx512bf16"]
 VEC_CODE = {"AVX512_BF16": "AVX512"}  # the at::vec implementation each variant compiles
 ISAS = list(ISA_FLAGS) if X86 else ["DEFAULT"]
+if _wanted := os.environ.get("TORCHFAST_CPU_ISAS", "").strip():
+    _asked = {v.strip().upper() for v in _wanted.split(",") if v.strip()}
+    if not _asked <= set(ISAS):
+        raise SystemExit(
+            f"torchfast setup.py: TORCHFAST_CPU_ISAS={_wanted!r} names {sorted(_asked - set(ISAS))}, "
+            f"not among this architecture's variants {ISAS}"
+        )
+    ISAS = [isa for isa in ISAS if isa == "DEFAULT" or isa in _asked]
 
 
 def _rel(pattern):
