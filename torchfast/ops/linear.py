@@ -5,17 +5,17 @@ AMD CPUs oneDNN's GEMM kernels (which torch also ships, as `torch.ops.mkldnn._li
 inductor's CPU backend uses) are faster: on the AMD EPYC (AVX-512) of our CI, 1.07-1.21x for the forward
 GEMM of transformer-sized layers and 1.39x for a few-token one (measured by
 benchmarks/bench_linear.py). `linear` routes the forward and input-gradient GEMMs there and leaves
-everything else to torch: the weight-gradient GEMM (where oneDNN is not faster here), bfloat16/float16 (torch already
-uses oneDNN for them), GPUs, autocast, tracing and export (the ordinary F.linear, so exported graphs
-are unchanged), functorch transforms, forward-mode AD, tensor subclasses (quantized weights, DTensor)
-and small GEMMs (oneDNN's per-call cost is larger than MKL's).
+everything else to torch: the weight-gradient GEMM (where oneDNN is not reliably faster here),
+bfloat16/float16 (torch already uses oneDNN for them), GPUs, autocast, tracing and export (the
+ordinary F.linear, so exported graphs are unchanged), functorch transforms, forward-mode AD, tensor
+subclasses (quantized weights, DTensor) and small GEMMs (oneDNN's per-call cost is larger than MKL's).
 
 The oneDNN GEMM is the operator `torchfast::_onednn_linear` (internal: fake kernel and autograd, so
 torch.compile keeps it in the graph as an opaque call, where inductor would otherwise pick MKL again).
 
 Which backend runs is `cpu_matmul_backend()`: the environment variable TORCHFAST_CPU_MATMUL =
 "onednn", "blas" or "auto" (the default: oneDNN on AMD/Hygon x86 CPUs, where it was measured faster,
-torch's BLAS elsewhere, e.g. on Intel, where MKL runs its own AVX-512 kernels).
+torch's BLAS elsewhere, e.g. on Intel, where MKL is not handicapped and oneDNN was not measured).
 """
 
 from __future__ import annotations
