@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 
 @contextlib.contextmanager
@@ -17,3 +18,9 @@ def num_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Whether hooks registered on `m` itself (forward, forward-pre, backward, backward-pre) would run
+    on its call: a module replaced or bypassed would silently drop them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)

@@ -1,6 +1,7 @@
 """The AVX512_BF16 variant (ours: AVX-512 plus native float->bfloat16 rounding) against the AVX512
 variant it extends: the same kernels, so the bfloat16 results must agree bit for bit, except that the
-native instruction flushes float32 subnormals (|v| < 2^-126, which the emulation may round up to 2^-126) to zero where the emulation keeps them."""
+native instruction flushes float32 subnormals (|v| < 2^-126, which the emulation may round up to
+2^-126) to zero where the emulation keeps them."""
 
 import pytest
 import torch

@@ -18,6 +18,7 @@ from torch import nn
 
 import torchfast.nn as tfnn
 from torchfast._optimize._modules import GatedMLP
+from torchfast._util import has_hooks
 from torchfast.ops.linear import cpu_matmul_backend
 
 # Rule names, usable in include= / exclude= patterns.
@@ -101,10 +102,6 @@ def _norm_shapes(shape) -> tuple[tuple[int, ...], ...]:
 MIN_LINEAR_WEIGHT = 256 * 256  # with torchfast.ops.linear's 2^24 multiply-adds: from 256 tokens a call
 
 
-def _hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 def plain_linear_candidate(parent, slot, qualname, child) -> Candidate | None:
     """A float32 CPU nn.Linear not fused with anything -> torchfast.nn.Linear (activation None), whose
     GEMMs go through oneDNN; offered only where that is the faster library (`cpu_matmul_backend()` is
@@ -124,7 +121,7 @@ def plain_linear_candidate(parent, slot, qualname, child) -> Candidate | None:
         child,
         ((4, child.in_features), (2, 3, child.in_features)),
     )
-    if _hooks(child):
+    if has_hooks(child):
         c.unsupported = "has hooks (e.g. pruning's), which run only on the module they were registered on"
     elif any(p is not None and type(p) is not nn.Parameter for p in (child.weight, child.bias)):
         c.unsupported = "its weight is not a plain Parameter (quantized or otherwise wrapped)"

@@ -21,6 +21,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from torchfast._registry import select
+from torchfast._util import has_hooks
 from torchfast.ops import glu as glu_ops
 from torchfast.ops import linear as linear_ops
 
@@ -45,7 +46,7 @@ def _plain_linear(m: nn.Module) -> bool:
     """A module whose call is exactly F.linear(x, m.weight, m.bias): nothing else would observe it."""
     if type(m) is not nn.Linear:
         return False
-    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+    if has_hooks(m):
         return False
     g = nn.modules.module
     if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks:
