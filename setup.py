@@ -59,7 +59,7 @@ VEC_CODE = {"AVX512_BF16": "AVX512"}  # the at::vec implementation each variant 
 ISAS = list(ISA_FLAGS) if X86 else ["DEFAULT"]
 if _wanted := os.environ.get("TORCHFAST_CPU_ISAS", "").strip():
     _asked = {v.strip().upper() for v in _wanted.split(",") if v.strip()}
-    if not _asked <= set(ISAS):
+    if not _asked or not _asked <= set(ISAS):
         raise SystemExit(
             f"torchfast setup.py: TORCHFAST_CPU_ISAS={_wanted!r} names {sorted(_asked - set(ISAS))}, "
             f"not among this architecture's variants {ISAS}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -24,3 +25,13 @@ def has_hooks(m: nn.Module) -> bool:
     """Whether hooks registered on `m` itself (forward, forward-pre, backward, backward-pre) would run
     on its call: a module replaced or bypassed would silently drop them."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def deepcopy_module(model: nn.Module) -> nn.Module:
+    """copy.deepcopy(model), also for a model pruned with torch.nn.utils.prune: before prune.remove it
+    keeps `weight = weight_orig * weight_mask` as a plain attribute that is not a graph leaf, which
+    deepcopy refuses. Its copy is a detached clone (the pruning hook recomputes it on the next forward
+    anyway)."""
+    memo = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
+            if isinstance(t, torch.Tensor) and not t.is_leaf}
+    return copy.deepcopy(model, memo)

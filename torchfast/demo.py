@@ -110,12 +110,6 @@ class DemoResult:
 # model and data
 
 
-def build_model(d_in: int = D_IN, hidden: int = HIDDEN, d_out: int = D_OUT) -> nn.Module:
-    """A plain PyTorch MLP (nn.Linear, nn.SiLU) optimized by torchfast.optimize: each Linear + SiLU
-    becomes torchfast.nn.Linear(activation="swish"). See torchfast/_optimize/_demo.py."""
-    return optimized_plain_mlp(d_in, hidden, d_out)[0]
-
-
 class Teacher:
     """A fixed random two-layer tanh network: a smooth target that the student can learn exactly.
 

@@ -327,5 +327,10 @@ def test_ops_called_directly_check_their_arguments():
         torch.ops.torchfast.rms_norm_backward(torch.randn(4, 3), x, None, rstd)
     with pytest.raises(RuntimeError, match=r"torchfast\.rms_norm_backward: argument 'rstd' has shape \[2\]"):
         torch.ops.torchfast.rms_norm_backward(x, x, None, rstd[:2])
+    # Same count and rank as the right statistics, another shape: refused, not read in the wrong order.
+    x3 = torch.randn(2, 3, 4)
+    rstd3 = torch.ops.torchfast.rms_norm(x3, None, 1e-6)[1]
+    with pytest.raises(RuntimeError, match=r"'rstd' has shape \[3, 2\]; expected .*\[2, 3\]"):
+        torch.ops.torchfast.rms_norm_backward(x3, x3, None, rstd3.reshape(3, 2))
     with pytest.raises(TypeError, match=r"'rstd' has dtype Double; expected Float"):
         torch.ops.torchfast.rms_norm_backward(x, x, None, rstd.double())

@@ -8,7 +8,6 @@ when it matches; then, with verify=True, the whole model is checked against the 
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from typing import Iterable
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from torchfast._optimize._probe import probe
+from torchfast._util import deepcopy_module, has_hooks
 from torchfast._optimize._report import LeftAlone, OptimizeReport, Replacement
 from torchfast._optimize._rules import (
     RULES,
@@ -96,6 +96,13 @@ class _Optimizer:
                 "shared module",
                 f"also reachable as {', '.join(shared[0])}; replacing one place would split it",
             )
+            return False
+        hooked = [n for s, n in zip(c.slots, c.qualnames) if has_hooks(c.parent._modules[s])]
+        if hooked:
+            # Hooks live on the module object: its replacement would silently not run them.
+            self.left(c, "unsupported configuration",
+                      f"has hooks on {', '.join(repr(n) for n in hooked)} (e.g. pruning's), which would not "
+                      "run on the replacement")
             return False
         if c.unsupported:
             self.left(c, "unsupported configuration", c.unsupported)
@@ -213,9 +220,9 @@ def optimize(
         )
     original = model
     if inplace:
-        original = copy.deepcopy(model) if verify else None
+        original = deepcopy_module(model) if verify else None
     else:
-        model = copy.deepcopy(model)
+        model = deepcopy_module(model)
     position = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     dtype, device = model_dtype_device(model)
     dtypes = list(dict.fromkeys([torch.float32, torch.bfloat16, dtype]))

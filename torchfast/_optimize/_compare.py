@@ -91,18 +91,15 @@ def float_tensors(out) -> list[torch.Tensor]:
 def run_fwd_bwd(
     module: torch.nn.Module,
     inputs: tuple,
-    grads: list[torch.Tensor] | None,
-    gen: torch.Generator | None = None,
+    grads: list[torch.Tensor],
 ):
-    """(outputs, input grads, {param name: grad}, output grads used) of `module(*inputs)`, without
-    touching any `.grad` (torch.autograd.grad, not backward). Float inputs are differentiated; the
-    output gradients are `grads` cast to each output's dtype, or drawn from `gen` when None."""
+    """(outputs, input grads, {param name: grad}) of `module(*inputs)`, without touching any `.grad`
+    (torch.autograd.grad, not backward). Float inputs are differentiated; the output gradients are
+    `grads` cast to each output's dtype."""
     xs = tuple(
         x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs
     )
     out = float_tensors(module(*xs))
-    if grads is None:
-        grads = [torch.randn(o.shape, generator=gen, dtype=torch.float32).to(o.device) for o in out]
     diff_in = [x for x in xs if isinstance(x, torch.Tensor) and x.requires_grad]
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     wrt = diff_in + [p for _, p in params]
@@ -111,4 +108,4 @@ def run_fwd_bwd(
     got = torch.autograd.grad(outs, wrt, gs, allow_unused=True) if outs and wrt else [None] * len(wrt)
     in_grads = list(got[: len(diff_in)])
     p_grads = {n: g for (n, _), g in zip(params, got[len(diff_in) :])}
-    return out, in_grads, p_grads, grads
+    return out, in_grads, p_grads

@@ -39,7 +39,8 @@ def probe(
     names_o = {n for n, _ in original.named_parameters()}
     names_c = {n for n, _ in candidate.named_parameters()}
     if names_o != names_c or set(original.state_dict()) != set(candidate.state_dict()):
-        return f"state_dict keys differ: {sorted(set(original.state_dict()))} vs {sorted(set(candidate.state_dict()))}"
+        keys_o, keys_c = sorted(original.state_dict()), sorted(candidate.state_dict())
+        return f"state_dict keys differ: {keys_o} vs {keys_c}"
     gen = torch.Generator().manual_seed(PROBE_SEED)
     for dtype in dtypes:
         rd = ref_dtype(dtype)
@@ -67,9 +68,9 @@ def _probe_one(ref, cand, base, shape, dtype, device, gen) -> str | None:
         with torch.no_grad():
             out_shapes = [o.shape for o in float_tensors(ref(x.to(rd)))]
         grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in out_shapes]
-        out_r, gin_r, gp_r, _ = run_fwd_bwd(ref, (x.to(rd),), grads)
-        out_b, gin_b, gp_b, _ = run_fwd_bwd(base, (x,), grads) if base is not None else (None,) * 4
-        out_c, gin_c, gp_c, _ = run_fwd_bwd(cand, (x,), grads)
+        out_r, gin_r, gp_r = run_fwd_bwd(ref, (x.to(rd),), grads)
+        out_b, gin_b, gp_b = run_fwd_bwd(base, (x,), grads) if base is not None else (None,) * 3
+        out_c, gin_c, gp_c = run_fwd_bwd(cand, (x,), grads)
     except Exception as e:  # noqa: BLE001 (the original or candidate cannot run this probe: no match)
         return f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if len(out_c) != len(out_r):

@@ -18,7 +18,6 @@ from torch import nn
 
 import torchfast.nn as tfnn
 from torchfast._optimize._modules import GatedMLP
-from torchfast._util import has_hooks
 from torchfast.ops.linear import cpu_matmul_backend
 
 # Rule names, usable in include= / exclude= patterns.
@@ -121,9 +120,7 @@ def plain_linear_candidate(parent, slot, qualname, child) -> Candidate | None:
         child,
         ((4, child.in_features), (2, 3, child.in_features)),
     )
-    if has_hooks(child):
-        c.unsupported = "has hooks (e.g. pruning's), which run only on the module they were registered on"
-    elif any(p is not None and type(p) is not nn.Parameter for p in (child.weight, child.bias)):
+    if any(p is not None and type(p) is not nn.Parameter for p in (child.weight, child.bias)):
         c.unsupported = "its weight is not a plain Parameter (quantized or otherwise wrapped)"
     else:
         c.options = [("torchfast.nn.Linear", lambda: tfnn.Linear.from_linear(child, None))]

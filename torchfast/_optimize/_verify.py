@@ -113,13 +113,13 @@ def check(original: nn.Module, new: nn.Module, inputs: Sequence, scale: float) -
     with torch.no_grad():
         shapes = [o.shape for o in float_tensors(original(*inputs))]
     grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    out_o, gin_o, gp_o, _ = run_fwd_bwd(original, inputs, grads)
-    out_n, gin_n, gp_n, _ = run_fwd_bwd(new, inputs, grads)
+    out_o, gin_o, gp_o = run_fwd_bwd(original, inputs, grads)
+    out_n, gin_n, gp_n = run_fwd_bwd(new, inputs, grads)
     base = None
     if dtype in LOW:
         ref = copy.deepcopy(original).float()
         base = (out_o, gin_o, gp_o)
-        out_o, gin_o, gp_o, _ = run_fwd_bwd(ref, [_as_float(x, torch.float32) for x in inputs], grads)
+        out_o, gin_o, gp_o = run_fwd_bwd(ref, [_as_float(x, torch.float32) for x in inputs], grads)
     if len(out_n) != len(out_o):
         return f"{len(out_n)} outputs vs the original's {len(out_o)}", float("inf")
     worst = 0.0

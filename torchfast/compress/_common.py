@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import io
 
 import torch
 from torch import nn
+
+from torchfast._util import deepcopy_module
 
 # Layers whose `weight` pruning and quantization act on. torchfast.nn.Linear is a subclass of
 # nn.Linear, and the projections of torchfast.nn.SwiGLU / GeGLU are nn.Linear children, so the torchfast
@@ -33,14 +34,7 @@ def check_choice(func: str, arg: str, value, choices: tuple[str, ...]) -> str:
 
 def working_copy(model: nn.Module, inplace: bool) -> nn.Module:
     """The model itself when inplace, else a deep copy, so that the caller's model is never changed."""
-    if inplace:
-        return model
-    # torch.nn.utils.prune (before prune.remove) keeps `weight = weight_orig * weight_mask` as a plain
-    # attribute that is not a graph leaf, which deepcopy refuses; its copy is a detached clone (the
-    # pruning hook recomputes it on the next forward anyway).
-    memo = {id(t): t.detach().clone() for m in model.modules() for t in vars(m).values()
-            if isinstance(t, torch.Tensor) and not t.is_leaf}
-    return copy.deepcopy(model, memo)
+    return model if inplace else deepcopy_module(model)
 
 
 def state_dict_bytes(model: nn.Module) -> int:

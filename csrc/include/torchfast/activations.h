@@ -74,7 +74,8 @@ struct Swish {
 // R is a polynomial fitted for relative error (scripts/fit_gelu_erfc.py): degree 9, 3.2e-7 with float
 // Horner, for float32 outputs; degree 6, 1.3e-5, for bf16/fp16 outputs, whose own rounding is 3.9e-3 /
 // 4.9e-4. exp(-z^2) is ATen's exp_u20 (20 ULP) and serves both Phi and phi, so the forward and the
-// backward cost one exponential and one division each. What remains is the float rounding of z^2
+// backward cost one exponential and one division each (for bf16 outputs on AVX-512, a 14-bit
+// reciprocal instead of the division: see recip_approx). What remains is the float rounding of z^2
 // inside the exponential: a relative error of about z^2 * 1.2e-7, 1e-6 at x = -4 and 1.4e-5 at x = -12
 // where gelu(x) is -2e-32. So the tails stay accurate (gelu'(-10) = -7.7e-22 in float32, where torch's
 // float32 kernel returns 0). float64 keeps Sleef's 1.5-ULP erfc (std::erfc in the DEFAULT build).

@@ -54,9 +54,10 @@ Fn pick(Fn default_fn, Fn avx2_fn, Fn avx512_fn, Fn avx512_bf16_fn) {
   namespace AVX512_BF16 { ret name(__VA_ARGS__); }      \
   }
 
-// The function pointer of the active ISA's variant of `name`. Variants that were not compiled (a
-// non-x86 build) fall back to DEFAULT; active_isa() never
-// returns an ISA that was not compiled, so the fallback is never taken by mistake.
+// The function pointer of the active ISA's variant of `name`. A variant that was not compiled (a
+// non-x86 build, or one left out with TORCHFAST_CPU_ISAS) falls back to the next lower compiled one
+// (AVX512_BF16 -> AVX512 -> AVX2 -> DEFAULT); active_isa() never returns an ISA that was not
+// compiled, so the fallback is never taken by mistake.
 #define TORCHFAST_ISA_FN_(isa, name) &::torchfast::cpu::isa::name
 #if defined(TORCHFAST_HAVE_AVX2)
 #define TORCHFAST_AVX2_FN_(name) TORCHFAST_ISA_FN_(AVX2, name)

@@ -28,7 +28,8 @@ constexpr int64_t kGrain = 32768;
 // nearest even. Compiled for AVX512_BF16 (our extra ISA variant), bfloat16 takes one VCVTNE2PS2BF16
 // instead of at::vec's integer emulation (about ten instructions per 16 lanes). The only difference
 // in results: the instruction flushes float32 subnormals (|v| < 1.2e-38) to zero, as oneDNN's bf16
-// kernels do; NaN stays NaN and infinities stay infinite.
+// kernels do; NaN stays NaN and infinities stay infinite. Scalar tails (the norm kernels' columns past
+// the last full vector) round with static_cast and keep subnormals, so that flush depends on the column.
 template <typename T>
 inline Vectorized<T> round_to(const Vectorized<float>& lo, const Vectorized<float>& hi) {
 #if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)

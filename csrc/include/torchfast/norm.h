@@ -52,7 +52,7 @@ inline void check_norm_param(const at::Tensor& w, const at::Tensor& x, const cha
 // Saved per-row statistics handed back to a backward op: one value per row, in stats_dtype(x).
 inline void check_norm_stats(const at::Tensor& s, const at::Tensor& x, const char* op, const char* arg) {
   check_same_device(x, s, op, "x", arg);
-  TORCH_CHECK(s.numel() * x.size(-1) == x.numel() && s.dim() == x.dim() - 1, "torchfast.", op,
+  TORCH_CHECK(s.sizes() == x.sizes().slice(0, x.dim() - 1), "torchfast.", op,
               ": argument '", arg, "' has shape ", s.sizes(), "; expected x's shape without its last dimension (",
               x.sizes().slice(0, x.dim() - 1), ")");
   TORCH_CHECK_TYPE(s.scalar_type() == stats_dtype(x), "torchfast.", op, ": argument '", arg, "' has dtype ",
