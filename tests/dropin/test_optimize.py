@@ -246,6 +246,40 @@ def test_lookalikes_are_left_alone_and_reported():
     torch.testing.assert_close(new(x), model(x), rtol=0, atol=0)
 
 
+def test_modules_with_hooks_are_left_alone_and_their_hooks_still_run():
+    """Hooks live on the module object, so a replacement would drop them: a hooked LayerNorm, GELU or
+    Linear of a Linear + SiLU pair is reported and kept, and its hook fires in the optimized model."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.SiLU(), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append("linear"))
+    model[2].register_forward_pre_hook(lambda m, i: seen.append("norm"))
+    model[3].register_full_backward_hook(lambda m, gi, go: seen.append("gelu-backward"))
+    new, report = torchfast.optimize(model, example_inputs=torch.randn(4, 16))
+    assert [r.name for r in report.replaced] == ["1"], report.table()  # the SiLU, on its own
+    assert {(s.name, s.reason) for s in report.left_alone} == {
+        ("0 + 1", "unsupported configuration"),
+        ("2", "unsupported configuration"),
+        ("3", "unsupported configuration"),
+    }, report.table()
+    assert all("has hooks" in s.detail for s in report.left_alone)
+    seen.clear()
+    new(torch.randn(4, 16, requires_grad=True)).sum().backward()
+    assert seen == ["linear", "norm", "gelu-backward"]
+
+
+def test_pruned_model_is_copied_and_its_pruned_layers_kept():
+    """A model pruned with torch.nn.utils.prune (before prune.remove) deep-copies (its non-leaf
+    `weight` attribute is cloned) and its hooked Linears stay; the rest is optimized and verified."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.SiLU(), nn.LayerNorm(16), nn.Linear(16, 4))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    x = torch.randn(4, 16)
+    new, report = torchfast.optimize(model, example_inputs=x)
+    assert [r.name for r in report.replaced] == ["1", "2"] and report.verification == "passed", report.table()
+    assert [(s.name, s.reason) for s in report.left_alone] == [("0 + 1", "unsupported configuration")]
+    assert (new[0].weight == 0).float().mean() == 0.5
+    torch.testing.assert_close(new(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_verification_failure_names_the_module():
     model = nn.Sequential(nn.Linear(8, 8), LongSequenceNorm(8), nn.Linear(8, 8), nn.SiLU())
     with pytest.raises(

@@ -101,8 +101,8 @@ class _Optimizer:
         if hooked:
             # Hooks live on the module object: its replacement would silently not run them.
             self.left(c, "unsupported configuration",
-                      f"has hooks on {', '.join(repr(n) for n in hooked)} (e.g. pruning's), which would not "
-                      "run on the replacement")
+                      f"has hooks on {', '.join(repr(n) for n in hooked)} (a user's, or pruning's), which "
+                      "would not run on the replacement")
             return False
         if c.unsupported:
             self.left(c, "unsupported configuration", c.unsupported)
