@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from torchfast._optimize._probe import probe
-from torchfast._util import deepcopy_module, has_hooks
 from torchfast._optimize._report import LeftAlone, OptimizeReport, Replacement
 from torchfast._optimize._rules import (
     RULES,
@@ -31,11 +30,11 @@ from torchfast._optimize._verify import (
     VERIFY_SCALE,
     OptimizeVerificationError,
     check,
-    eval_mode,
     infer_inputs,
     locate,
     model_dtype_device,
 )
+from torchfast._util import deepcopy_module, eval_mode, has_hooks
 
 __all__ = ["RULES", "LeftAlone", "OptimizeReport", "OptimizeVerificationError", "Replacement", "optimize"]
 

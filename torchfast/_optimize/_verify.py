@@ -3,14 +3,14 @@ on a failure the first replaced module (in execution order) that disagrees on it
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from torchfast._optimize._compare import LOW, compare, float_tensors, run_fwd_bwd
+from torchfast._util import eval_mode
 
 VERIFY_SEED = 1234
 # A whole model chains many ops, each off by up to one rounding: allow 10x the per-op table.
@@ -25,20 +25,6 @@ class OptimizeVerificationError(AssertionError):
     def __init__(self, message: str, module: str | None):
         super().__init__(message)
         self.module = module
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Deterministic forward (dropout off, batch-norm running statistics), then every submodule's own
-    mode back."""
-    modes = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from torchfast._util import dropped_log_records
 from torchfast.compress._common import check_choice, fail
 
 ONNX_MODES = ("dynamic", "static")
@@ -117,18 +117,15 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, *, mode: str =
     with tempfile.TemporaryDirectory() as tmp:
         prepped = os.path.join(tmp, "prepped.onnx")
         quant_pre_process(src, prepped, skip_symbolic_shape=False)
-        # onnxruntime's quantizer logs a pre-processing reminder even for pre-processed models.
-        root, level = logging.getLogger(), logging.getLogger().level
-        root.setLevel(max(level, logging.ERROR))
-        try:
+        # Some onnxruntime versions log a pre-processing reminder (root logger) even for a
+        # pre-processed model; only that record is dropped.
+        with dropped_log_records([""], "Please consider pre-processing before quantization"):
             if mode == "dynamic":
                 ort_dynamic(prepped, dst, weight_type=QuantType.QInt8)
             else:
                 ort_static(prepped, dst, _make_reader(model.graph.input[0].name, batches),
                            quant_format=QuantFormat.QDQ, per_channel=True,
                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        finally:
-            root.setLevel(level)
 
     x = batches[0] if batches else _sample_input(model)
     outs = []

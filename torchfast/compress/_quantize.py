@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import warnings
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 import torchfast.nn as tfnn
+from torchfast._util import dropped_log_records
 from torchfast.compress._common import check_choice, check_module, fail, working_copy
 from torchfast.export import _tables
 
@@ -29,28 +28,10 @@ INT4_CPU_REASON = (
 )
 
 
-class _DropRecords(logging.Filter):
-    def __init__(self, *texts: str):
-        super().__init__()
-        self.texts = texts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(t in record.getMessage() for t in self.texts)
-
-
-@contextlib.contextmanager
-def _quiet_torchao_import() -> Iterator[None]:
+def _quiet_torchao_import():
     """torchao logs that its CUDA-only libraries fail to load on a CPU build, and torch logs a notice
     about one of torchao's Enum registrations: both on every import, neither about the model."""
-    drop = _DropRecords("Failed to load", "is an Enum subclass")
-    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
-    for lg in loggers:
-        lg.addFilter(drop)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(drop)
+    return dropped_log_records(["torchao", "torch.utils._pytree"], "Failed to load", "is an Enum subclass")
 
 
 def _torchao():

@@ -10,28 +10,15 @@ so the shrunk model computes what the masked model computed, up to float roundin
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
+from torchfast._util import eval_mode
 from torchfast.compress._common import check_module, fail, working_copy
 from torchfast.compress._prune import make_permanent
 from torchfast.compress._structure import BATCH_NORM, UnitGroup, find_groups
 from torchfast.nn.glu import GeGLU
 from torchfast.ops.glu import geglu, swiglu
-
-
-@contextlib.contextmanager
-def _eval(modules: list[nn.Module]):
-    modes = [(m, m.training) for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _zero_rows(layer: nn.Module) -> torch.Tensor:
@@ -63,7 +50,7 @@ def _constants(g: UnitGroup) -> tuple[torch.Tensor, torch.Tensor]:
         x = producer(producer.weight.new_zeros(1, producer.in_features))  # bias, through a fused activation
     else:  # a Conv of a zero input is its bias at every position, whatever the padding
         x = _bias_or_zeros(producer, n).view((1, n) + (1,) * (producer.weight.dim() - 2))
-    with _eval(g.between):
+    with eval_mode(*g.between):
         for m in g.between:
             x = m(x)
     return _zero_rows(producer), x.reshape(n)

@@ -8,7 +8,6 @@ onnx, onnxscript and onnxruntime are imported when an export runs, not when torc
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import warnings
 from typing import Iterator, NamedTuple, Sequence
@@ -16,6 +15,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from torchfast._util import dropped_log_records, eval_mode
 from torchfast.export import _tables
 from torchfast.testing import TOLERANCES
 
@@ -113,43 +113,15 @@ def _check_arguments(model, args, exporter: str, opset: int | None, dynamic_batc
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Export and check the inference graph (dropout off, batch-norm running statistics), the way the
-    TorchScript exporter does by default, and give every submodule back the mode it came in (a model
-    may hold frozen submodules in eval mode while training; model.train() would lose that)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-class _DropRecords(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-@contextlib.contextmanager
 def _quiet_dynamo_exporter() -> Iterator[None]:
     """Silence two notices the dynamo exporter prints on every export that concern torch, not the
     model: a log line per torchvision op it skips when torchvision is absent, and a FutureWarning from
     torch's own pytree internals. Everything else it reports passes through."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    drop = _DropRecords("torchvision is not installed")
-    logger.addFilter(drop)
-    try:
+    with dropped_log_records(["torch.onnx._internal.exporter._registration"], "torchvision is not installed"):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                     category=FutureWarning)
             yield
-    finally:
-        logger.removeFilter(drop)
 
 
 def _dynamic_dims(args, dynamic_batch: bool, dynamic_sequence: bool) -> list[dict[int, str]]:
@@ -328,7 +300,9 @@ def onnx(model: nn.Module, args, path: str | os.PathLike, *, dynamic_batch: bool
                     "bfloat16); export in float32 or float16, or pass verify=False")
     path = os.fspath(path)
     input_names = [f"input_{i}" for i in range(len(args))]
-    with _eval_mode(model):
+    # Export and check the inference graph (dropout off, batch-norm running statistics), the way the
+    # TorchScript exporter does by default; every submodule gets its mode back.
+    with eval_mode(model):
         if exporter == "dynamo":
             _export_dynamo(model, args, path, opset, dynamic_batch, input_names, dynamic_sequence)
         else:
