@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import torchfast
 import torchfast.compress as C
 import torchfast.export
+from torchfast._util import num_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 D_IN, CLASSES = 16, 4
@@ -68,16 +69,14 @@ def _accuracy(model, x, y) -> float:
 
 @pytest.fixture(scope="module")
 def trained():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = _model()
-    _train(model, 250, torch.Generator().manual_seed(1))
-    x, y = _task(2000, torch.Generator().manual_seed(2))
-    acc = _accuracy(model, x, y)
-    assert acc > 0.9, f"the test classifier did not learn its task (accuracy {acc:.3f})"
-    yield model.eval(), x, y, acc
-    torch.set_num_threads(old)
+    with num_threads(1):  # restored even when the assert below fails
+        torch.manual_seed(0)
+        model = _model()
+        _train(model, 250, torch.Generator().manual_seed(1))
+        x, y = _task(2000, torch.Generator().manual_seed(2))
+        acc = _accuracy(model, x, y)
+        assert acc > 0.9, f"the test classifier did not learn its task (accuracy {acc:.3f})"
+        yield model.eval(), x, y, acc
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -215,8 +214,9 @@ def test_quantize_int8_keeps_accuracy(trained, mode):
 def test_quantize_filter_fn_and_nothing_to_quantize(trained):
     q = C.quantize(trained[0], filter_fn=lambda m, name: name == "4")
     assert type(q[4].weight.data) is not torch.Tensor and type(q[0].weight.data) is torch.Tensor
-    with pytest.raises(ValueError, match="nothing to quantize"):
-        C.quantize(nn.Sequential(nn.ReLU()))
+    for mode in C.MODES:
+        with pytest.raises(ValueError, match="nothing to quantize"):
+            C.quantize(nn.Sequential(nn.ReLU()), mode=mode)
     with pytest.raises(ValueError, match="nothing to quantize"):
         C.quantize(trained[0], filter_fn=lambda m, name: False)
 
@@ -375,7 +375,14 @@ def test_bench_compress_runs_at_tiny_size():
 
 def test_demo_stage_prints_the_comparison(trained):
     model, x, y, _ = trained
-    lines = C.demo_stage(model, x[:256])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()  # the caller's mode comes back, and its weights are untouched
+    try:
+        lines = C.demo_stage(model, x[:256])
+        assert model.training
+    finally:
+        model.eval()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     text = "\n".join(lines)
     for row in ("prune 50% + shrink", "int8 dynamic", "onnx int8"):
         assert row in text, text

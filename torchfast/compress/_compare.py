@@ -91,7 +91,7 @@ def _runner(func: str, arg: str, model, x: torch.Tensor, threads: int) -> tuple[
             sess = onnxruntime.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise fail(func, arg, f"is {path!r}, which onnxruntime cannot load as an ONNX model "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}
         return (lambda: sess.run(None, feed)[0]), os.path.getsize(path)
     raise fail(func, arg, f"must be an nn.Module or the path of an ONNX file, got {type(model).__name__}",

@@ -8,6 +8,7 @@ import tempfile
 import torch
 from torch import nn
 
+from torchfast._util import eval_mode
 from torchfast.compress._compare import compare
 from torchfast.compress._onnx import quantize_onnx
 from torchfast.compress._prune import prune
@@ -41,13 +42,23 @@ def distill(student: nn.Module, teacher: nn.Module, data: torch.Tensor, steps: i
 def demo_stage(model: nn.Module, data: torch.Tensor, *, repeats: int = DEMO_REPEATS) -> list[str]:
     """Compress the demo's trained model three ways and return the comparison table as lines.
 
-    Rows: 50% ln_structured pruning + shrink (PyTorch), then `distill` to win back accuracy, torchao int8_dynamic (PyTorch), and the ONNX
-    export quantized with onnxruntime (dynamic int8) against the float ONNX export; each against its
-    float original on `data` (a batch of inputs), timed interleaved in one run (1 thread, median of
-    `repeats`). `model` is not modified. Raises what the compression functions raise."""
+    Rows: 50% ln_structured pruning + shrink (PyTorch), then `distill` to win back accuracy, torchao
+    int8_dynamic (PyTorch), and the ONNX export quantized with onnxruntime (dynamic int8) against the
+    float ONNX export; each against its float original on `data` (a batch of inputs), timed interleaved
+    in one run (1 thread, median of `repeats`). `model` runs in eval mode and gets its modes back; it is
+    not otherwise modified. Raises what the compression functions raise."""
+    with eval_mode(model):
+        rows = _rows(model, data, repeats)
+    lines = [f"           {'':<26}{'size':>8}{'speed':>9}{'max err':>10}",
+             *(f"           {name:<26}{r.size_ratio:>7.2f}x{r.speedup:>8.2f}x{r.max_abs_error:>10.2g}  ({note})"
+               for name, r, note in rows)]
+    return [f"  compress batch {data.shape[0]}, ratios against the float model, 1 thread, median of {repeats}; "
+            f"max err = largest output change (the pruned model distilled from the float one for {DISTILL_STEPS} steps)", *lines]
+
+
+def _rows(model: nn.Module, data: torch.Tensor, repeats: int) -> list:
     from torchfast import export
 
-    model = model.eval()
     rows = []
     with torch.random.fork_rng():
         small = distill(shrink(prune(model, 0.5, method="ln_structured")), model, data)
@@ -61,8 +72,4 @@ def demo_stage(model: nn.Module, data: torch.Tensor, *, repeats: int = DEMO_REPE
         quantize_onnx(fp32, int8, mode="dynamic", calibration_data=data)
         rows.append(("onnx int8 (onnxruntime)", compare(fp32, int8, data, repeats=repeats, threads=1),
                      "vs float ONNX"))
-    lines = [f"           {'':<26}{'size':>8}{'speed':>9}{'max err':>10}",
-             *(f"           {name:<26}{r.size_ratio:>7.2f}x{r.speedup:>8.2f}x{r.max_abs_error:>10.2g}  ({note})"
-               for name, r, note in rows)]
-    return [f"  compress batch {data.shape[0]}, ratios against the float model, 1 thread, median of {repeats}; "
-            f"max err = largest output change (the pruned model distilled from the float one for {DISTILL_STEPS} steps)", *lines]
+    return rows

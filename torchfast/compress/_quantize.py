@@ -87,7 +87,7 @@ def quantize(model: nn.Module, *, mode: str = "int8_weight_only",
                    f"{type(filter_fn).__name__}", TypeError)
     chosen = [(n, m) for n, m in original.named_modules()
               if _plain_float_linear(m) and (filter_fn is None or filter_fn(m, n))]
-    if mode == "int4_weight_only":
+    if mode == "int4_weight_only" and chosen:  # with nothing chosen, the error below says so
         _check_int4(chosen)
         chosen = [(n, m) for n, m in chosen if m.in_features % INT4_GROUP_SIZE == 0]
     if not chosen:

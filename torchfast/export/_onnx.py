@@ -245,7 +245,7 @@ def _verify(model, path: str, batches, input_names, rtol, atol) -> float:
             raise OnnxVerificationError(
                 f"torchfast.export.onnx: onnxruntime cannot run {path} at input shape {list(args[0].shape)}: "
                 f"{str(e).strip()[:300]} (a shape the exporter fixed while tracing? the legacy exporter "
-                "does this for some modules; try exporter='dynamo')") from None
+                "does this for some modules; try exporter='dynamo')") from e
         where = f"{path} at input shape {list(args[0].shape)}, batch size {args[0].shape[0]}"
         if len(got) != len(expected):
             raise OnnxVerificationError(f"torchfast.export.onnx: {where} gives {len(got)} outputs in "
