@@ -122,13 +122,14 @@ def prune(model: nn.Module, amount: float, *, method: str = "l1_unstructured", s
         raise fail("prune", "model", f"has nothing to prune: {what}")
 
     if method == "ln_structured":
-        gated = {id(g.producers[0]): g.producers for g in find_groups(model) if g.gated is not None}
+        # gate or up -> (gate, up): a gated MLP's units are pruned in both at once
+        gated = {id(p): g.producers for g in find_groups(model) if g.gated is not None for p in g.producers}
         chosen = {id(m) for m in layers}
         done: set[int] = set()
         for layer in layers:
             if id(layer) in done:
                 continue
-            pair = gated.get(id(layer)) or next((p for p in gated.values() if p[1] is layer), None)
+            pair = gated.get(id(layer))
             group = [m for m in pair if id(m) in chosen] if pair else [layer]
             _prune_rows(group, amount, n)
             done.update(id(m) for m in group)

@@ -143,9 +143,3 @@ def shrink(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise fail("shrink", "model", f"has nothing to shrink: {where}; prune it first with "
                    "torchfast.compress.prune(model, amount, method='ln_structured')")
     return model
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameter elements (for reports of what shrink saved)."""
-    return sum(p.numel() for p in model.parameters())
-

@@ -41,7 +41,6 @@ class UnitGroup:
     consumers: list[nn.Module]
     between: list[nn.Module] = field(default_factory=list)
     gated: _GatedMLP | None = None  # the SwiGLU/GeGLU whose intermediate features these are
-    name: str = ""
 
 
 def n_out(layer: nn.Module) -> int:
@@ -79,12 +78,10 @@ def _same_kind(a: nn.Module, b: nn.Module) -> bool:
 
 def find_groups(model: nn.Module) -> list[UnitGroup]:
     """Every hidden-unit group of `model` (see the module docstring), in module order."""
-    names = {id(m): n for n, m in model.named_modules()}
     groups: list[UnitGroup] = []
     for mod in model.modules():
         if isinstance(mod, _GatedMLP):
-            groups.append(UnitGroup([mod.gate_proj, mod.up_proj], [mod.down_proj], gated=mod,
-                                    name=f"{names[id(mod)] or '<model>'} (intermediate)"))
+            groups.append(UnitGroup([mod.gate_proj, mod.up_proj], [mod.down_proj], gated=mod))
         if not isinstance(mod, nn.Sequential):
             continue
         items = list(mod)
@@ -102,5 +99,5 @@ def find_groups(model: nn.Module) -> list[UnitGroup]:
             if (ins is None or not all(_same_kind(out, b) and n_in(b) == n_out(out) for b in ins)
                     or any(isinstance(m, BATCH_NORM) and m.num_features != n_out(out) for m in between)):
                 continue
-            groups.append(UnitGroup([out], ins, between, name=names[id(out)]))
+            groups.append(UnitGroup([out], ins, between))
     return groups
