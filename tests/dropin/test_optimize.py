@@ -350,6 +350,40 @@ def test_include_exclude_and_inplace():
     assert same is model and type(model.norm) is torchfast.nn.RMSNorm
 
 
+def test_torch_classes_pair_names_and_verification_states():
+    """nn.GELU and torch's own nn.RMSNorm are swapped; a fused pair is excluded by its second name;
+    inplace=True keeps the parameter objects; verification says "skipped" when it cannot build inputs
+    and "passed" with nothing replaced, in the table and the dict."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.SiLU(), nn.RMSNorm(8, eps=1e-5), nn.GELU(approximate="tanh"))
+    weight = model[2].weight
+    new, report = torchfast.optimize(model, example_inputs=torch.randn(2, 8))
+    assert {r.name: r.new for r in report.replaced} == {
+        "0 + 1": "torchfast.nn.Linear(activation='swish') + nn.Identity",
+        "2": "torchfast.nn.RMSNorm",
+        "3": "torchfast.nn.GELU(approximate='tanh')",
+    }, report.table()
+    _, report = torchfast.optimize(model, exclude="1", example_inputs=torch.randn(2, 8))
+    assert ("0 + 1", "excluded") in {(s.name, s.reason) for s in report.left_alone}
+    assert "1" not in {r.name for r in report.replaced}  # the SiLU is excluded on its own too
+    same, _ = torchfast.optimize(model, inplace=True)
+    assert same[2].weight is weight and type(same[2]) is torchfast.nn.RMSNorm
+
+    class Opaque(nn.Module):  # no layer optimize can build inputs from
+        def __init__(self):
+            super().__init__()
+            self.act = nn.SiLU()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.act(x) * self.scale
+
+    _, report = torchfast.optimize(Opaque())
+    assert report.verification == "skipped" and "example_inputs" in report.verification_detail
+    assert report.to_dict()["verification"]["status"] == "skipped" and "skipped" in report.table()
+    _, report = torchfast.optimize(nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    assert report.verification == "passed" and report.verification_detail == "nothing was replaced"
+
+
 def test_shared_module_is_reported():
     act = M.Swish()
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), act, nn.Linear(8, 8), act)

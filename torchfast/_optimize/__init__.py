@@ -243,15 +243,15 @@ def optimize(
     report.left_alone.sort(key=lambda s: position.get(s.name.split(" + ")[0], -1))
     if not verify:
         return model, report
+    if not report.replaced:  # before building inputs: nothing to run the model for
+        report.verification, report.verification_detail = "passed", "nothing was replaced"
+        return model, report
     inputs = tuple(example_inputs) if example_inputs is not None else None
     why = ""
     if inputs is None:
         inputs, why = infer_inputs(original)
     if inputs is None:
         report.verification, report.verification_detail = "skipped", why
-        return model, report
-    if not report.replaced:
-        report.verification, report.verification_detail = "passed", "nothing was replaced"
         return model, report
     with eval_mode(original, model):
         why, worst = check(original, model, inputs, VERIFY_SCALE)

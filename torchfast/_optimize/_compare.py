@@ -20,6 +20,9 @@ from torchfast.testing import TOLERANCES
 
 LOW = (torch.bfloat16, torch.float16)
 SLACK = 2.0
+# Gradients pass through one more rounding (and, for weights, a sum over rows) than outputs: their
+# tolerance is this many times the outputs'.
+GRAD_SCALE = 4.0
 
 
 def ref_dtype(dtype: torch.dtype) -> torch.dtype:

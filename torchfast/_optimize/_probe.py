@@ -14,11 +14,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from torchfast._optimize._compare import LOW, compare, float_tensors, ref_dtype, run_fwd_bwd
+from torchfast._optimize._compare import GRAD_SCALE, LOW, compare, float_tensors, ref_dtype, run_fwd_bwd
 
 PROBE_SEED = 20240607
-# Gradients pass through one more rounding (and, for weights, a sum over rows) than outputs.
-GRAD_SCALE = 4.0
 
 
 def _copy(module: nn.Module, *dtypes: torch.dtype) -> nn.Module:

@@ -9,13 +9,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from torchfast._optimize._compare import LOW, compare, float_tensors, run_fwd_bwd
+from torchfast._optimize._compare import GRAD_SCALE, LOW, compare, float_tensors, run_fwd_bwd
 from torchfast._util import eval_mode
 
 VERIFY_SEED = 1234
 # A whole model chains many ops, each off by up to one rounding: allow 10x the per-op table.
 VERIFY_SCALE = 10.0
-GRAD_SCALE = 4.0
 
 
 class OptimizeVerificationError(AssertionError):
