@@ -19,10 +19,11 @@ from torchfast import amp, compress, distributed, export, hooks, nn, ops, profil
 from torchfast._info import build_info
 from torchfast._optimize import OptimizeReport, OptimizeVerificationError, optimize
 from torchfast._registry import REGISTRY, use_impl
-from torchfast.ops import add_rms_norm, bias_act, geglu, layer_norm, rms_norm, swiglu, swish
+from torchfast.ops import (add_rms_norm, bias_act, cross_entropy, geglu, layer_norm, linear_cross_entropy, rms_norm,
+                           swiglu, swish)
 from torchfast.trainer import FitResult, Trainer
 
 __version__ = "0.1.0"
 __all__ = ["REGISTRY", "FitResult", "OptimizeReport", "OptimizeVerificationError", "Trainer", "add_rms_norm", "amp",
-           "bias_act", "build_info", "compress", "distributed", "export", "geglu", "hooks", "layer_norm", "nn",
+           "bias_act", "build_info", "compress", "cross_entropy", "distributed", "export", "geglu", "hooks", "layer_norm", "linear_cross_entropy", "nn",
            "ops", "optimize", "profiling", "rms_norm", "swiglu", "swish", "use_impl"]

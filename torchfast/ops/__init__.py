@@ -11,6 +11,7 @@ for _info in pkgutil.iter_modules(__path__):
 from torchfast._registry import REGISTRY  # noqa: E402
 from torchfast.export._tables import register_onnx_symbolics  # noqa: E402
 from torchfast.ops.bias_act import bias_act  # noqa: E402
+from torchfast.ops.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: E402
 from torchfast.ops.glu import geglu, swiglu  # noqa: E402
 from torchfast.ops.swish import swish  # noqa: E402
 from torchfast.ops.layer_norm import layer_norm  # noqa: E402
@@ -21,4 +22,4 @@ from torchfast.ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 for _spec in REGISTRY.values():
     register_onnx_symbolics(_spec)
 
-__all__ = ["add_rms_norm", "bias_act", "geglu", "layer_norm", "rms_norm", "swiglu", "swish"]
+__all__ = ["add_rms_norm", "bias_act", "cross_entropy", "geglu", "layer_norm", "linear_cross_entropy", "rms_norm", "swiglu", "swish"]

@@ -1,0 +1,233 @@
+// cross_entropy and linear_cross_entropy on CPU: argument checks, outputs, the call into the per-ISA
+// row kernels (cross_entropy_kernel.cpp) and, for the linear form, the loop over chunks of tokens.
+//
+// linear_cross_entropy never holds the [tokens, V] logits: each chunk's logits go into one [chunk, V]
+// buffer, reused for every chunk. For reduction "mean"/"sum" the gradients are computed during the
+// forward (they depend only on the chunk's rows and the reduction's scale): the row kernel turns the
+// buffer into d loss / d logits in place, and three GEMMs (ATen's: MKL or oneDNN) follow:
+//   grad_hidden[chunk] = dlogits @ weight,  grad_weight += dlogits^T @ hidden[chunk],  grad_bias += sum(dlogits)
+// so a training step costs the three GEMMs of the unfused F.linear + F.cross_entropy, not four.
+// grad_weight accumulates in weight's dtype with beta = 1 (the GEMM adds in fp32 inside and rounds once
+// per chunk); grad_bias accumulates in fp32.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include <torchfast/cpu_alloc.h>
+#include <torchfast/rows.h>
+
+#include "cross_entropy.h"
+
+namespace torchfast {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// int64, contiguous, and every class index in [0, V) or ignore_index (checked here, before any kernel
+// runs, like torch's nll_loss: "Target 7 is out of bounds.").
+at::Tensor checked_target(const at::Tensor& target, int64_t n, int64_t ignore_index, const char* op) {
+  at::Tensor t = target.to(at::kLong).contiguous();
+  const int64_t* p = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0, rows = t.numel(); i < rows; ++i) {
+    TORCH_CHECK_INDEX(p[i] == ignore_index || (p[i] >= 0 && p[i] < n), "torchfast.", op, ": target ", p[i],
+                      " at position ", i, " is out of bounds for ", n, " classes (and is not ignore_index=",
+                      ignore_index, ")");
+  }
+  return t;
+}
+
+// The logits as rows with a contiguous last dimension and one row stride (a copy only when needed).
+std::pair<at::Tensor, int64_t> rows_of(const at::Tensor& x) {
+  if (auto rs = row_stride(x)) return {x, *rs};
+  at::Tensor c = x.contiguous();
+  return {c, c.size(-1)};
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                                     int64_t ignore_index, double label_smoothing, double z_loss,
+                                                     std::optional<double> softcap) {
+  constexpr const char* op = "cross_entropy";
+  check_logits(logits, target, op);
+  const CEOptions o = ce_options(op, ignore_index, label_smoothing, z_loss, softcap);
+  const int64_t n = logits.size(-1);
+  const at::Tensor t = checked_target(target, n, ignore_index, op);
+  auto opts = logits.options().dtype(ce_acc_dtype(logits));
+  at::Tensor loss = at::empty(target.sizes(), opts), lse = at::empty(target.sizes(), opts);
+  const int64_t rows = t.numel();
+  if (rows > 0) {
+    auto [x, stride] = rows_of(logits);
+    TORCHFAST_CPU_DISPATCH(ce_fwd)(x.scalar_type(), x.const_data_ptr(), stride, t.const_data_ptr<int64_t>(), rows, n, o,
+                                   loss.mutable_data_ptr(), lse.mutable_data_ptr());
+  }
+  return {loss, lse};
+}
+
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                                      const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
+                                      double z_loss, std::optional<double> softcap) {
+  constexpr const char* op = "cross_entropy_backward";
+  check_logits(logits, target, op);
+  check_rows_arg(grad_loss, logits, op, "grad_loss", "logits");
+  check_rows_arg(lse, logits, op, "lse", "logits");
+  const CEOptions o = ce_options(op, ignore_index, label_smoothing, z_loss, softcap);
+  const int64_t n = logits.size(-1);
+  const at::Tensor t = checked_target(target, n, ignore_index, op);
+  at::Tensor dx = hinted(at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous)));
+  const int64_t rows = t.numel();
+  if (rows > 0) {
+    auto [x, stride] = rows_of(logits);
+    const at::Tensor g = grad_loss.contiguous(), l = lse.contiguous();
+    TORCHFAST_CPU_DISPATCH(ce_bwd)(x.scalar_type(), x.const_data_ptr(), stride, t.const_data_ptr<int64_t>(),
+                                   l.const_data_ptr(), g.const_data_ptr(), 1, rows, n, o, dx.mutable_data_ptr(), n);
+  }
+  return dx;
+}
+
+// ---- linear_cross_entropy -------------------------------------------------------------------------
+
+struct LinearCE {
+  at::Tensor h, w, t;  // hidden as [N, H], weight [V, H], target [N] (int64, checked)
+  OptTensor b;
+  int64_t rows, vocab;
+  CEOptions o;
+};
+
+LinearCE linear_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                       const OptTensor& bias, int64_t ignore_index, double label_smoothing, double z_loss,
+                       const std::optional<double>& softcap, int64_t chunk_size, const char* op) {
+  check_linear_args(hidden, weight, target, bias, chunk_size, op);
+  LinearCE c;
+  c.o = ce_options(op, ignore_index, label_smoothing, z_loss, softcap);
+  c.vocab = weight.size(0);
+  c.h = hidden.reshape({-1, hidden.size(-1)}).contiguous();
+  c.w = weight.contiguous();
+  c.b = bias.has_value() ? OptTensor(bias->contiguous()) : std::nullopt;
+  c.t = checked_target(target, c.vocab, ignore_index, op).reshape({-1});
+  c.rows = c.t.numel();
+  return c;
+}
+
+struct LinearGrads {
+  at::Tensor dh, dw, db_acc;  // undefined when not asked for; db accumulates in fp32 (fp64 for double)
+};
+
+LinearGrads alloc_grads(const LinearCE& c, const std::array<bool, 3>& mask) {
+  LinearGrads g;
+  if (mask[0]) g.dh = at::empty_like(c.h);
+  if (mask[1]) g.dw = at::zeros_like(c.w);
+  if (mask[2] && c.b.has_value()) g.db_acc = at::zeros({c.vocab}, c.h.options().dtype(ce_acc_dtype(c.h)));
+  return g;
+}
+
+// One pass over the chunks. Each chunk's logits go into `buf`; with `fwd`, the row kernel writes loss and
+// lse; with gradients wanted, `grad` (per row, stride grad_stride) scales d loss / d logits, written over
+// the logits in place, and the three gradient GEMMs accumulate.
+void run_chunks(const LinearCE& c, int64_t chunk, bool fwd, at::Tensor* loss, at::Tensor* lse,
+                const at::Tensor* grad, int64_t grad_stride, LinearGrads* g) {
+  const bool want_grad = g != nullptr && (g->dh.defined() || g->dw.defined() || g->db_acc.defined());
+  if (c.rows == 0 || (!fwd && !want_grad)) return;
+  chunk = std::min(chunk, c.rows);
+  at::Tensor buf = hinted(at::empty({chunk, c.vocab}, c.h.options()));
+  const at::Tensor wt = c.w.t();
+  for (int64_t start = 0; start < c.rows; start += chunk) {
+    const int64_t m = std::min(chunk, c.rows - start);
+    at::Tensor hc = c.h.narrow(0, start, m);
+    at::Tensor logits = buf.narrow(0, 0, m);
+    if (c.b.has_value()) {
+      at::addmm_out(logits, *c.b, hc, wt);
+    } else {
+      at::mm_out(logits, hc, wt);
+    }
+    const int64_t* tp = c.t.const_data_ptr<int64_t>() + start;
+    const auto dtype = c.h.scalar_type();
+    const size_t acc_size = c10::elementSize(ce_acc_dtype(c.h));
+    if (fwd) {
+      TORCHFAST_CPU_DISPATCH(ce_fwd)(dtype, logits.const_data_ptr(), c.vocab, tp, m, c.vocab, c.o,
+                                     static_cast<char*>(loss->mutable_data_ptr()) + start * acc_size,
+                                     static_cast<char*>(lse->mutable_data_ptr()) + start * acc_size);
+    }
+    if (!want_grad) continue;
+    const char* gp = static_cast<const char*>(grad->const_data_ptr()) + start * grad_stride * acc_size;
+    TORCHFAST_CPU_DISPATCH(ce_bwd)(dtype, logits.const_data_ptr(), c.vocab, tp,
+                                   static_cast<const char*>(lse->const_data_ptr()) + start * acc_size, gp,
+                                   grad_stride, m, c.vocab, c.o, logits.mutable_data_ptr(), c.vocab);
+    if (g->dh.defined()) {
+      at::Tensor dh = g->dh.narrow(0, start, m);
+      at::mm_out(dh, logits, c.w);
+    }
+    if (g->dw.defined()) g->dw.addmm_(logits.t(), hc);
+    if (g->db_acc.defined()) g->db_acc.add_(at::sum(logits, {0}, false, g->db_acc.scalar_type()));
+  }
+}
+
+at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(const LinearGrads& g, const at::Tensor& hidden,
+                                                            const at::Tensor& weight, const OptTensor& bias) {
+  at::Tensor dh = g.dh.defined() ? g.dh.reshape(hidden.sizes()) : empty_grad(hidden);
+  at::Tensor dw = g.dw.defined() ? g.dw : empty_grad(weight);
+  at::Tensor db = g.db_acc.defined() ? g.db_acc.to(bias->scalar_type()) : empty_grad(bias.value_or(hidden));
+  return {dh, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, const OptTensor& bias,
+    int64_t ignore_index, c10::string_view reduction, double label_smoothing, double z_loss,
+    std::optional<double> softcap, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  constexpr const char* op = "linear_cross_entropy";
+  const bool sums = ce_reduction_sums(std::string(reduction), op);
+  LinearCE c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                             chunk_size, op);
+  const auto acc = c.h.options().dtype(ce_acc_dtype(c.h));
+  at::Tensor loss = at::empty({c.rows}, acc), lse = at::empty({c.rows}, acc);
+  // d loss / d loss_row: 1 for "sum", 1 / count for "mean" (0 / 0 = NaN only scales ignored rows, whose
+  // gradient the kernel sets to 0 without reading it).
+  int64_t count = 0;
+  const int64_t* tp = c.t.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.rows; ++i) count += tp[i] != ignore_index;
+  const bool mean = reduction == "mean";
+  at::Tensor scale = at::empty({1}, acc).fill_(mean ? 1.0 / static_cast<double>(count) : 1.0);
+  LinearGrads g;
+  if (sums) g = alloc_grads(c, grad_mask);
+  run_chunks(c, chunk_size, /*fwd=*/true, &loss, &lse, &scale, /*grad_stride=*/0, sums ? &g : nullptr);
+  at::Tensor out_loss = sums ? (mean ? loss.sum().div(static_cast<double>(count)) : loss.sum()) : loss.reshape(target.sizes());
+  auto [dh, dw, db] = finish_grads(g, hidden, weight, bias);
+  return {out_loss, lse.reshape(target.sizes()), dh, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+    const OptTensor& bias, const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
+    std::optional<double> softcap, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  constexpr const char* op = "linear_cross_entropy_backward";
+  LinearCE c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+                             chunk_size, op);
+  check_rows_arg(grad_loss, hidden, op, "grad_loss", "hidden");
+  check_rows_arg(lse, hidden, op, "lse", "hidden");
+  at::Tensor l = lse.reshape({-1}).contiguous(), gl = grad_loss.reshape({-1}).contiguous();
+  LinearGrads g = alloc_grads(c, grad_mask);
+  run_chunks(c, chunk_size, /*fwd=*/false, nullptr, &l, &gl, /*grad_stride=*/1, &g);
+  return finish_grads(g, hidden, weight, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
+  m.impl("cross_entropy", &cross_entropy_cpu);
+  m.impl("cross_entropy_backward", &cross_entropy_backward_cpu);
+  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+}
+
+}  // namespace torchfast

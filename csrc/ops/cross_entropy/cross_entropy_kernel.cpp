@@ -1,0 +1,185 @@
+// Cross-entropy CPU row kernels, compiled once per ISA (see cpu_isa.h). Math: cross_entropy.h and
+// torchfast/reference/cross_entropy.py. With s = softcap(x), p = softmax(s), eps = label smoothing:
+//
+//   forward:  lse = log sum exp(s),  loss = lse - (1 - eps) s_t - eps mean(s) + z lse^2   (0 if ignored)
+//   backward: dx_j = g (p_j (1 + 2 z lse) - eps / V - (1 - eps) [j == t]) (1 - (s_j / c)^2)
+//
+// The forward reads each row once: it walks the row in blocks of kBlock elements that stay in L1,
+// takes the block's max, rescales the running sum-of-exp when the max grows (one scalar exp per block,
+// not per element), then adds the block's exps. The backward recomputes p from the saved lse, so the
+// forward keeps no [rows, V] tensor. Math in fp32 (fp64 for double), bf16/fp16 widened on load.
+#include <torchfast/rowwise.h>
+
+#include <cmath>
+#include <limits>
+
+#include "cross_entropy.h"
+
+namespace torchfast::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+// Elements per block: 8 KB of fp32, so the block is read from memory once and re-read from L1.
+constexpr int64_t kBlock = 2048;
+
+template <typename A>
+inline A softcap_scalar(A x, A cap) {
+  return cap > A(0) ? cap * std::tanh(x / cap) : x;
+}
+
+// buf[0:n] = softcap(x[0:n]) in the math type A.
+template <typename T, typename A>
+inline void load_block(const T* x, int64_t n, A cap, A* buf) {
+  using V = Vectorized<A>;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, A>) {
+    for (; j + V::size() <= n; j += V::size()) V::loadu(x + j).store(buf + j);
+  } else {
+    using R = Vectorized<T>;
+    for (; j + R::size() <= n; j += R::size()) {
+      auto [a, b] = at::vec::convert_to_float<T>(R::loadu(x + j));
+      a.store(buf + j);
+      b.store(buf + j + V::size());
+    }
+  }
+  for (; j < n; ++j) buf[j] = static_cast<A>(x[j]);
+  if (cap > A(0)) {
+    const V c(cap), inv(A(1) / cap);
+    j = 0;
+    for (; j + V::size() <= n; j += V::size()) (c * (V::loadu(buf + j) * inv).tanh()).store(buf + j);
+    for (; j < n; ++j) buf[j] = softcap_scalar(buf[j], cap);
+  }
+}
+
+template <typename T>
+void fwd_rows(const T* x, int64_t x_stride, const int64_t* target, int64_t begin, int64_t end, int64_t n,
+              const CEOptions& o, acc_t<T>* loss, acc_t<T>* lse) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const A cap = static_cast<A>(o.softcap);
+  const A inf = std::numeric_limits<A>::infinity();
+  alignas(64) A buf[kBlock];
+  for (int64_t i = begin; i < end; ++i) {
+    const T* row = x + i * x_stride;
+    A m = -inf, sum = 0, total = 0;
+    bool nan = false;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t cnt = std::min(kBlock, n - b);
+      load_block(row + b, cnt, cap, buf);
+      const A bmax = at::vec::reduce_all<A>([](const V& u, const V& v) { return at::vec::maximum(u, v); }, buf, cnt);
+      if (o.label_smoothing != 0) total += at::vec::reduce_all<A>([](const V& u, const V& v) { return u + v; }, buf, cnt);
+      if (std::isnan(bmax)) {
+        nan = true;
+        continue;
+      }
+      if (bmax == -inf) continue;  // every exp is 0; keeps a leading all -inf block from giving NaN
+      if (bmax > m) {
+        sum *= std::exp(m - bmax);  // 0 when m was -inf
+        m = bmax;
+      }
+      if (m == inf) continue;  // lse = +inf below, as torch.logsumexp gives
+      const V mv(m);
+      sum += at::vec::map_reduce_all<A>([&](const V& v) { return (v - mv).exp(); },
+                                        [](const V& u, const V& v) { return u + v; }, buf, cnt);
+    }
+    // All -inf: log(0) = -inf (torch.logsumexp's answer); NaN anywhere: NaN.
+    A l = nan ? std::numeric_limits<A>::quiet_NaN() : (m == inf ? inf : m + std::log(sum));
+    lse[i] = l;
+    const int64_t t = target[i];
+    if (t == o.ignore_index) {
+      loss[i] = 0;
+      continue;
+    }
+    const A st = softcap_scalar(static_cast<A>(row[t]), cap);
+    A v = l - static_cast<A>(1.0 - o.label_smoothing) * st;
+    if (o.label_smoothing != 0) v -= static_cast<A>(o.label_smoothing) * total / static_cast<A>(n);
+    if (o.z_loss != 0) v += static_cast<A>(o.z_loss) * l * l;
+    loss[i] = v;
+  }
+}
+
+template <typename T>
+void bwd_rows(const T* x, int64_t x_stride, const int64_t* target, const acc_t<T>* lse, const acc_t<T>* grad,
+              int64_t grad_stride, int64_t begin, int64_t end, int64_t n, const CEOptions& o, T* dx,
+              int64_t dx_stride) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const A cap = static_cast<A>(o.softcap);
+  const A eps_v = static_cast<A>(o.label_smoothing / static_cast<double>(n));
+  alignas(64) A buf[kBlock];
+  for (int64_t i = begin; i < end; ++i) {
+    const T* row = x + i * x_stride;
+    T* out = dx + i * dx_stride;
+    const int64_t t = target[i];
+    const bool ignored = t == o.ignore_index;
+    const A g = ignored ? A(0) : grad[i * grad_stride];
+    const A l = lse[i];
+    const A xt = ignored ? A(0) : static_cast<A>(row[t]);  // read before an in-place write overwrites it
+    const A c1 = g * (A(1) + A(2) * static_cast<A>(o.z_loss) * l);  // multiplies p
+    const A c0 = g * eps_v;                                            // subtracted from every class
+    const V c1v(c1), c0v(c0), lv(l), capv(cap), one(1);
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t cnt = std::min(kBlock, n - b);
+      load_block(row + b, cnt, cap, buf);
+      int64_t j = 0;
+      auto grad_of = [&](const V& s) {
+        V d = (s - lv).exp() * c1v - c0v;
+        if (cap > A(0)) {
+          const V r = s / capv;
+          d = d * (one - r * r);
+        }
+        return d;
+      };
+      if constexpr (std::is_same_v<T, A>) {
+        for (; j + V::size() <= cnt; j += V::size()) grad_of(V::loadu(buf + j)).store(out + b + j);
+      } else {
+        using R = Vectorized<T>;
+        for (; j + R::size() <= cnt; j += R::size()) {
+          round_to<T>(grad_of(V::loadu(buf + j)), grad_of(V::loadu(buf + j + V::size()))).store(out + b + j);
+        }
+      }
+      for (; j < cnt; ++j) {
+        const A s = buf[j];
+        A d = std::exp(s - l) * c1 - c0;
+        if (cap > A(0)) d *= A(1) - (s / cap) * (s / cap);
+        out[b + j] = static_cast<T>(d);
+      }
+    }
+    if (!ignored) {  // the target's class: the one-hot term, on the value computed from the saved x_t
+      const A s = softcap_scalar(xt, cap);
+      A d = std::exp(s - l) * c1 - c0 - g * static_cast<A>(1.0 - o.label_smoothing);
+      if (cap > A(0)) d *= A(1) - (s / cap) * (s / cap);
+      out[t] = static_cast<T>(d);
+    }
+  }
+}
+
+}  // namespace
+
+void ce_fwd(c10::ScalarType dtype, const void* x, int64_t x_stride, const int64_t* target, int64_t rows, int64_t n,
+            const CEOptions& o, void* loss, void* lse) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      fwd_rows(static_cast<const T*>(x), x_stride, target, begin, end, n, o, static_cast<A*>(loss),
+               static_cast<A*>(lse));
+    });
+  });
+}
+
+void ce_bwd(c10::ScalarType dtype, const void* x, int64_t x_stride, const int64_t* target, const void* lse,
+            const void* grad, int64_t grad_stride, int64_t rows, int64_t n, const CEOptions& o, void* dx,
+            int64_t dx_stride) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      bwd_rows(static_cast<const T*>(x), x_stride, target, static_cast<const A*>(lse), static_cast<const A*>(grad),
+               grad_stride, begin, end, n, o, static_cast<T*>(dx), dx_stride);
+    });
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace torchfast::cpu
