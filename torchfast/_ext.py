@@ -1,7 +1,7 @@
 """Loading of the compiled extension torchfast._C, and what it provides.
 
 When `_C` is missing or fails to load, torchfast still imports: the operators are then defined from
-Python with their pure-PyTorch reference implementation as the kernel (see ops/_library.py), and one
+Python with their pure-PyTorch reference implementation as the kernel (see _library.py), and one
 warning says what is missing and how to build it.
 """
 

@@ -14,13 +14,12 @@ torchfast/export/_tables.py); nothing here names an op.
 """
 
 from torchfast.export._onnx import (
-    DEFAULT_OPSET,
     MIN_OPSET,
     OnnxExport,
     OnnxVerificationError,
     onnx,
 )
-from torchfast.export._tables import onnx_translation_table
+from torchfast.export._tables import DEFAULT_OPSET, onnx_translation_table
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "OnnxExport", "OnnxVerificationError", "onnx",
            "onnx_translation_table"]

@@ -17,19 +17,11 @@ from torch import nn
 
 from torchfast._util import dropped_log_records, eval_mode
 from torchfast.export import _tables
+from torchfast.export._tables import DEFAULT_OPSET
 from torchfast.testing import TOLERANCES
 
 EXPORTERS = ("dynamo", "torchscript")
 
-# Default opset per exporter: 20 for both, the default of torch.onnx.export itself.
-# - dynamo: the Sigmoid+Mul graph of opset 20 runs on any runtime that runs the same model exported
-#   with torch.nn.SiLU, and onnxruntime 1.32 fuses Sigmoid+Mul into its QuickGelu kernel, while it
-#   runs opset 24's Swish by expanding the op's function body into Mul/Sigmoid/Mul (seen in its
-#   optimized-model dump): on 2^20 float32 elements, one thread, 0.3 ms at opset 20 against 0.7 ms
-#   at 24. So opset 24 buys neither portability nor speed today; ask for it with opset=24 when a
-#   runtime implements Swish natively.
-# - torchscript: 20 is the newest opset this exporter supports.
-DEFAULT_OPSET = {"dynamo": 20, "torchscript": 20}
 # dynamo: torch's translation library is written for opset 18; below it torch warns that it converts
 # the graph down and that the conversion may fail. torchscript: torchfast's symbolics start at 9, the
 # opset torch's own TorchScript symbolics are built on.

@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import torch
 
+from torchfast import _library
 from torchfast._registry import Impl, OpSpec, register, select
-from torchfast.ops import _library
-from torchfast.ops._activations import act_fn, act_grad, act_grad2, compute_dtype, gelu_act
+from torchfast.reference._activations import act_fn, compute_dtype, gelu_act
+from torchfast.reference.glu import (
+    geglu_reference,
+    glu_backward_reference,
+    glu_double_backward,
+    swiglu_reference,
+)
 
 SCHEMAS_SWIGLU = {
     "swiglu": "(Tensor gate, Tensor up) -> Tensor",
@@ -45,30 +51,6 @@ SCHEMAS_GEGLU_PACKED = {
 
 def _act(op: str, approximate: str = "none") -> str:
     return "swish" if op.startswith("swiglu") else gelu_act(approximate, op)
-
-
-# -- references -----------------------------------------------------------------------------------------
-
-
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-PyTorch swiglu (packed when up is None), differentiable by autograd."""
-    if up is None:
-        gate, up = gate.chunk(2, dim=-1)
-    return act_fn("swish", gate) * up
-
-
-def geglu_reference(
-    gate: torch.Tensor, up: torch.Tensor | None = None, *, approximate: str = "none"
-) -> torch.Tensor:
-    """Pure-PyTorch geglu (packed when up is None), differentiable by autograd."""
-    if up is None:
-        gate, up = gate.chunk(2, dim=-1)
-    return act_fn(gelu_act(approximate, "geglu"), gate) * up
-
-
-def glu_backward_reference(grad_out, gate, up, *, act):
-    """(d_gate, d_up) = (grad_out * up * act'(gate), grad_out * act(gate))."""
-    return grad_out * up * act_grad(act, gate), grad_out * act_fn(act, gate)
 
 
 # -- the kernels of the build without _C ----------------------------------------------------------------
@@ -212,20 +194,6 @@ def _register_fakes(op, packed):
 # -- autograd ---------------------------------------------------------------------------------------------
 
 
-def _glu_double_backward(act, grad_out, gate, up, g_gate, g_up):
-    """Gradients of (d_gate, d_up) = (go u a'(g), go a(g)) given upstream (G_gate, G_up):
-    d/dgo = G_gate u a' + G_up a,  d/dgate = G_gate go u a'' + G_up go a',  d/dup = G_gate go a'."""
-    zeros = torch.zeros_like(gate)
-    g_gate = zeros if g_gate is None else g_gate
-    g_up = zeros if g_up is None else g_up
-    a, d1, d2 = act_fn(act, gate), act_grad(act, gate), act_grad2(act, gate)
-    return (
-        g_gate * up * d1 + g_up * a,
-        g_gate * grad_out * up * d2 + g_up * grad_out * d1,
-        g_gate * grad_out * d1,
-    )
-
-
 def _register_autograd(op, packed):
     bwd_op = getattr(torch.ops.torchfast, op + "_backward")
 
@@ -244,14 +212,14 @@ def _register_autograd(op, packed):
 
         def backward_bwd(ctx, g_gate, g_up):
             grad_out, gate, up = ctx.saved_tensors
-            return _glu_double_backward(_act(op, **ctx.kw), grad_out, gate, up, g_gate, g_up)
+            return glu_double_backward(_act(op, **ctx.kw), grad_out, gate, up, g_gate, g_up)
     else:
 
         def backward_bwd(ctx, g_x):
             grad_out, x = ctx.saved_tensors
             gate, up = x.chunk(2, dim=-1)
             g_gate, g_up = (None, None) if g_x is None else g_x.chunk(2, dim=-1)
-            d_go, d_gate, d_up = _glu_double_backward(_act(op, **ctx.kw), grad_out, gate, up, g_gate, g_up)
+            d_go, d_gate, d_up = glu_double_backward(_act(op, **ctx.kw), grad_out, gate, up, g_gate, g_up)
             return d_go, torch.cat([d_gate, d_up], dim=-1)
 
     # With _C the forward ops' autograd is C++ (csrc/ops/glu/glu_autograd.cpp, the same rule at the

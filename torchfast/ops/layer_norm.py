@@ -9,15 +9,24 @@ Backward, with xc = x - m, gw = grad_y * w and n the row length:
 
 Saves x, the per-row mean and rstd (fp32) and the weight (a parameter); backward runs the
 `torchfast::layer_norm_backward` op. bf16/fp16 x with fp32 weight and bias is accepted as it is
-(see torchfast/ops/_norm.py).
+(see torchfast/reference/_norm.py).
+
+The reference, backward formula and autocast dtype rule are in torchfast/reference/layer_norm.py.
 """
 
 from __future__ import annotations
 
 import torch
 
+from torchfast import _library
 from torchfast._registry import Impl, OpSpec, register, select
-from torchfast.ops import _library, _norm
+from torchfast.ops import _norm
+from torchfast.reference.layer_norm import (
+    layer_norm_autocast_args,
+    layer_norm_backward_reference,
+    layer_norm_reference,
+    layer_norm_stats,
+)
 
 SCHEMAS = {
     "layer_norm": "(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)",
@@ -26,44 +35,8 @@ SCHEMAS = {
 }
 
 
-def _layer_norm_stats(x, weight, bias, eps):
-    """(y, mean, rstd): the forward op's contract, in the math type, y rounded to x's dtype."""
-    xf = x.to(_norm.stats_dtype(x.dtype))
-    mean = xf.mean(-1)
-    xc = xf - mean.unsqueeze(-1)
-    rstd = torch.rsqrt(xc.square().mean(-1) + eps)
-    y = xc * rstd.unsqueeze(-1)
-    if weight is not None:
-        y = y * weight.to(xf.dtype)
-    if bias is not None:
-        y = y + bias.to(xf.dtype)
-    return y.to(x.dtype).contiguous(), mean, rstd
-
-
-def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                         *, eps: float = 1e-5) -> torch.Tensor:
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension, in fp32 (fp64 for
-    float64)."""
-    return _layer_norm_stats(x, weight, bias, eps)[0]
-
-
-def layer_norm_backward_reference(grad_out, x, weight, bias, mean, rstd):
-    """(dx, dw, db) from the saved statistics; dw / db are None without weight / bias."""
-    acc = _norm.stats_dtype(x.dtype)
-    n = x.shape[-1]
-    g, r = grad_out.to(acc), rstd.to(acc).unsqueeze(-1)
-    xc = x.to(acc) - mean.to(acc).unsqueeze(-1)
-    gw = g if weight is None else g * weight.to(acc)
-    s1 = gw.sum(-1, keepdim=True)
-    s2 = (gw * xc).sum(-1, keepdim=True)
-    dx = r * gw - r * s1 / n - xc * (r.pow(3) * s2 / n)
-    dw = None if weight is None else (g * xc * r).reshape(-1, n).sum(0).to(weight.dtype)
-    db = None if bias is None else g.reshape(-1, n).sum(0).to(bias.dtype)
-    return dx.to(x.dtype), dw, db
-
-
 _library.define_fallback(
-    SCHEMAS, {"layer_norm": _layer_norm_stats, "layer_norm_backward": layer_norm_backward_reference}
+    SCHEMAS, {"layer_norm": layer_norm_stats, "layer_norm_backward": layer_norm_backward_reference}
 )
 
 
@@ -117,11 +90,7 @@ _library.register_autograd_fallback("torchfast::layer_norm", _backward, _setup)
 torch.library.register_autograd("torchfast::layer_norm_backward", _backward_bwd, setup_context=_setup_bwd)
 
 
-def _autocast(x, weight, bias, eps):
-    return (x, *_norm.autocast_params(x.dtype, weight, bias), eps)
-
-
-_norm.register_autocast("torchfast::layer_norm", _autocast)
+_norm.register_autocast("torchfast::layer_norm", layer_norm_autocast_args)
 _library.register_autocast_same_dtype("torchfast::layer_norm_backward")
 
 

@@ -13,15 +13,28 @@ saves h instead of x and residual. Backward runs the `torchfast::rms_norm_backwa
 `add_rms_norm_backward` ops, so compiled and exported backward graphs see the fused kernels.
 
 Mixed precision: bf16/fp16 x with an fp32 weight is accepted as it is (statistics and math in fp32,
-output in x's dtype, weight gradient in fp32); see torchfast/ops/_norm.py for the autocast rule.
+output in x's dtype, weight gradient in fp32); see torchfast/reference/_norm.py for the autocast rule.
+
+The references, backward formulas and autocast dtype rule are in torchfast/reference/rms_norm.py.
 """
 
 from __future__ import annotations
 
 import torch
 
+from torchfast import _library
 from torchfast._registry import Impl, OpSpec, register, select
-from torchfast.ops import _library, _norm
+from torchfast.ops import _norm
+from torchfast.reference.rms_norm import (
+    add_rms_norm_autocast_args,
+    add_rms_norm_backward_reference,
+    add_rms_norm_reference,
+    add_rms_norm_stats,
+    rms_norm_autocast_args,
+    rms_norm_backward_reference,
+    rms_norm_reference,
+    rms_norm_stats,
+)
 
 SCHEMAS = {
     "rms_norm": "(Tensor x, Tensor? weight, float eps) -> (Tensor, Tensor)",
@@ -34,66 +47,12 @@ ADD_SCHEMAS = {
 }
 
 
-# ---- references (pure PyTorch, differentiable; exact in float64) ------------------------------------
-
-def _rms_norm_stats(x, weight, eps):
-    """(y, rstd) in the math type, y rounded to x's dtype: the forward op's contract."""
-    xf = x.to(_norm.stats_dtype(x.dtype))
-    rstd = torch.rsqrt(xf.square().mean(-1) + eps)
-    y = xf * rstd.unsqueeze(-1)
-    if weight is not None:
-        y = y * weight.to(xf.dtype)
-    return y.to(x.dtype).contiguous(), rstd
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float | None = 1e-6):
-    """y = x / sqrt(mean(x^2, -1) + eps) * weight, computed in fp32 (fp64 for float64)."""
-    return _rms_norm_stats(x, weight, _norm.resolve_eps(eps, x))[0]
-
-
-def add_rms_norm_reference(x, residual, weight=None, *, eps: float | None = 1e-6):
-    """(rms_norm(h), h) with h = x + residual rounded to the activations' dtype, as unfused code does."""
-    h = x + residual
-    return rms_norm_reference(h, weight, eps=eps), h
-
-
-def _rms_norm_backward_acc(grad_out, x, weight, rstd):
-    """(dx in the math type, dw in weight's dtype or None)."""
-    acc = _norm.stats_dtype(x.dtype)
-    g, xf, r = grad_out.to(acc), x.to(acc), rstd.to(acc).unsqueeze(-1)
-    gw = g if weight is None else g * weight.to(acc)
-    dot = (gw * xf).sum(-1, keepdim=True)
-    dx = r * gw - xf * (r.pow(3) * dot / x.shape[-1])
-    dw = None if weight is None else (g * xf * r).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-    return dx, dw
-
-
-def rms_norm_backward_reference(grad_out, x, weight, rstd):
-    """(dx, dw) from the saved rstd (see the module docstring); dw is None without a weight."""
-    dx, dw = _rms_norm_backward_acc(grad_out, x, weight, rstd)
-    return dx.to(x.dtype), dw
-
-
-def add_rms_norm_backward_reference(grad_out, grad_h, h, weight, rstd):
-    """(gradient of h, which x and residual both get; dw): rms_norm's dx plus grad_h, rounded once."""
-    dh, dw = _rms_norm_backward_acc(grad_out, h, weight, rstd)
-    if grad_h is not None:
-        dh = dh + grad_h.to(dh.dtype)
-    return dh.to(h.dtype), dw
-
-
-def _add_rms_norm_stats(x, residual, weight, eps):
-    h = (x + residual).contiguous()
-    y, rstd = _rms_norm_stats(h, weight, eps)
-    return y, h, rstd
-
-
 _library.define_fallback(
     {**SCHEMAS, **ADD_SCHEMAS},
     {
-        "rms_norm": _rms_norm_stats,
+        "rms_norm": rms_norm_stats,
         "rms_norm_backward": rms_norm_backward_reference,
-        "add_rms_norm": _add_rms_norm_stats,
+        "add_rms_norm": add_rms_norm_stats,
         "add_rms_norm_backward": add_rms_norm_backward_reference,
     },
 )
@@ -193,19 +152,8 @@ torch.library.register_autograd("torchfast::add_rms_norm_backward", _backward_ad
 
 # ---- autocast: activations as they are, weights cast only where the kernels would refuse them -----
 
-def _autocast_rms(x, weight, eps):
-    return (x, *_norm.autocast_params(x.dtype, weight), eps)
-
-
-def _autocast_add(x, residual, weight, eps):
-    # h = x + residual has torch's promoted dtype (an fp32 residual stream plus a bf16 branch is fp32).
-    dt = torch.promote_types(x.dtype, residual.dtype)
-    x, residual = x.to(dt), residual.to(dt)
-    return (x, residual, *_norm.autocast_params(dt, weight), eps)
-
-
-_norm.register_autocast("torchfast::rms_norm", _autocast_rms)
-_norm.register_autocast("torchfast::add_rms_norm", _autocast_add)
+_norm.register_autocast("torchfast::rms_norm", rms_norm_autocast_args)
+_norm.register_autocast("torchfast::add_rms_norm", add_rms_norm_autocast_args)
 _library.register_autocast_same_dtype("torchfast::rms_norm_backward")
 _library.register_autocast_same_dtype("torchfast::add_rms_norm_backward")
 

@@ -12,24 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from torchfast import _library
 from torchfast._registry import Impl, OpSpec, register, select
-from torchfast.ops import _library
+from torchfast.reference.swish import swish_backward_reference, swish_reference
 
 SCHEMAS = {
     "swish": "(Tensor x) -> Tensor",
     "swish_backward": "(Tensor grad_out, Tensor x) -> Tensor",
 }
-
-
-def swish_reference(x: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch swish, differentiable by autograd; exact for float64 inputs."""
-    return x * torch.sigmoid(x)
-
-
-def swish_backward_reference(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dL/dx = grad_out * s * (1 + x * (1 - s)), s = sigmoid(x)."""
-    s = torch.sigmoid(x)
-    return grad_out * s * (1 + x * (1 - s))
 
 
 def _fallback_kernel(fn):

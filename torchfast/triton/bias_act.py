@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from torchfast.ops import _library
-from torchfast.ops._activations import check_act
+from torchfast import _library
+from torchfast.reference._activations import check_act
+from torchfast.reference.bias_act import bias_act_double_backward
 from torchfast.triton import unavailable_reason
 from torchfast.triton._act import ACT_CODES, act_bwd, act_fwd
 from torchfast.triton.swish import _check_input, _grid, _laid_out_like
@@ -236,11 +237,9 @@ def _setup_context_bwd(ctx, inputs, output):
 
 
 def _backward_bwd(ctx, grad_dx, grad_db):
-    from torchfast.ops.bias_act import double_backward
-
     grad_out, x, bias = ctx.saved_tensors
     first = lambda g: torch.ops.torchfast.bias_act_backward_triton(g, x, bias, ctx.act)[0]
-    return (*double_backward(first, ctx.act, grad_out, x, bias, grad_dx, grad_db), None)
+    return (*bias_act_double_backward(first, ctx.act, grad_out, x, bias, grad_dx, grad_db), None)
 
 
 bias_act_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from torchfast.ops import _library
-from torchfast.ops._activations import gelu_act
+from torchfast import _library
+from torchfast.reference._activations import gelu_act
+from torchfast.reference.glu import glu_double_backward
 from torchfast.triton._act import ACT_CODES, act_fwd, act_fwd_deriv
 from torchfast.triton.swish import _check_input, _grid, _laid_out_like
 
@@ -253,18 +254,14 @@ def _backward_packed(ctx, grad_out):
 
 
 def _backward_bwd(ctx, g_gate, g_up):
-    from torchfast.ops.glu import _glu_double_backward
-
-    return (*_glu_double_backward(ctx.act, *ctx.saved_tensors, g_gate, g_up), None)
+    return (*glu_double_backward(ctx.act, *ctx.saved_tensors, g_gate, g_up), None)
 
 
 def _backward_packed_bwd(ctx, g_x):
-    from torchfast.ops.glu import _glu_double_backward
-
     grad_out, x = ctx.saved_tensors
     gate, up = x.chunk(2, dim=-1)
     g_gate, g_up = (None, None) if g_x is None else g_x.chunk(2, dim=-1)
-    d_go, d_gate, d_up = _glu_double_backward(ctx.act, grad_out, gate, up, g_gate, g_up)
+    d_go, d_gate, d_up = glu_double_backward(ctx.act, grad_out, gate, up, g_gate, g_up)
     return d_go, torch.cat([d_gate, d_up], dim=-1), None
 
 

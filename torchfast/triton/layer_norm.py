@@ -11,8 +11,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from torchfast.ops import _library, _norm
-from torchfast.ops.layer_norm import _autocast, layer_norm_backward_reference
+from torchfast import _library
+from torchfast.reference import _norm
+from torchfast.reference.layer_norm import layer_norm_autocast_args, layer_norm_backward_reference
 from torchfast.triton.rms_norm import _absent_to_none, _block, _no_grad, check_rows
 
 
@@ -176,7 +177,7 @@ def _backward_bwd(ctx, grad_dx, grad_dw, grad_db):
 
 layer_norm_triton.register_autograd(_backward, setup_context=_setup)
 layer_norm_backward_triton.register_autograd(_backward_bwd, setup_context=_setup_bwd)
-_norm.register_autocast("torchfast::layer_norm_triton", _autocast)
+_norm.register_autocast("torchfast::layer_norm_triton", layer_norm_autocast_args)
 _library.register_autocast_same_dtype("torchfast::layer_norm_backward_triton")
 
 

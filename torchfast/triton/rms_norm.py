@@ -25,11 +25,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from torchfast.ops import _library, _norm
-from torchfast.ops.rms_norm import (
-    _autocast_add,
-    _autocast_rms,
+from torchfast import _library
+from torchfast.reference import _norm
+from torchfast.reference.rms_norm import (
+    add_rms_norm_autocast_args,
     add_rms_norm_backward_reference,
+    rms_norm_autocast_args,
     rms_norm_backward_reference,
 )
 from torchfast.triton import unavailable_reason
@@ -252,7 +253,7 @@ def _setup_bwd(ctx, inputs, output):
 
 
 def _backward_bwd(ctx, grad_dx, grad_dw):
-    """Double backward from the reference backward (see torchfast/ops/_norm.py, vjp_backward)."""
+    """Double backward from the reference backward (see torchfast/reference/_norm.py, vjp_backward)."""
     grad_out, grad_h, x, weight, rstd = ctx.saved_tensors
     grad_dw = _absent_to_none(grad_dw, weight) if grad_dw is not None else None
     if grad_h is None:
@@ -267,8 +268,8 @@ rms_norm_triton.register_autograd(_backward, setup_context=_setup)
 add_rms_norm_triton.register_autograd(_backward_add, setup_context=_setup_add)
 rms_norm_backward_triton.register_autograd(_backward_bwd, setup_context=_setup_bwd)
 # The native ops' autocast rules: activations as they are, weights cast only where refused.
-_norm.register_autocast("torchfast::rms_norm_triton", _autocast_rms)
-_norm.register_autocast("torchfast::add_rms_norm_triton", _autocast_add)
+_norm.register_autocast("torchfast::rms_norm_triton", rms_norm_autocast_args)
+_norm.register_autocast("torchfast::add_rms_norm_triton", add_rms_norm_autocast_args)
 _library.register_autocast_same_dtype("torchfast::rms_norm_backward_triton")
 
 

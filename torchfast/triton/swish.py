@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from torchfast.ops import _library
+from torchfast import _library
 from torchfast.triton import unavailable_reason
 
 # 1024 elements per program: 8 per thread at the default 4 warps, i.e. two 16-byte accesses per thread
