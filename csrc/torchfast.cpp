@@ -40,14 +40,14 @@ TORCH_LIBRARY(torchfast, m) {
   // Cross-entropy over the last dimension (class-index targets). The forward returns the per-row loss
   // and log-sum-exp (fp32; fp64 for double logits); reductions are done by the caller. The backward
   // recomputes softmax from the logits and the saved lse: no [rows, V] tensor is kept in between.
-  m.def("cross_entropy(Tensor logits, Tensor target, *, int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, float? softcap=None) -> (Tensor, Tensor)");
-  m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, *, int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, float? softcap=None) -> Tensor");
+  m.def("cross_entropy(Tensor logits, Tensor target, *, int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None) -> (Tensor, Tensor)");
+  m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, *, int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None) -> Tensor");
   // hidden @ weight^T (+ bias) followed by cross_entropy, in chunks of tokens, never holding the full
   // logits. For reduction "mean"/"sum" the gradients named by grad_mask (hidden, weight, bias) are
   // computed during the forward (already scaled for the reduction) and returned; otherwise, and for
   // the ones not asked for, empty tensors. The backward op recomputes the logits chunk by chunk.
-  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0.0, float z_loss=0.0, float? softcap=None, int chunk_size=4096, bool[3] grad_mask=[False, False, False]) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor lse, *, int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, float? softcap=None, int chunk_size=4096, bool[3] grad_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0., float z_loss=0., float? softcap=None, int chunk_size=4096, bool[3] grad_mask=[False, False, False]) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor lse, *, int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None, int chunk_size=4096, bool[3] grad_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace torchfast::cpu {

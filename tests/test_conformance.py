@@ -26,6 +26,31 @@ def _float_tensors(args):
     return [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
 
 
+def _with_leaves(args, make_leaf):
+    """args with every float tensor replaced by make_leaf(tensor); integer tensors (class targets) and
+    non-tensors pass as they are. Returns (new args, the leaves in order)."""
+    leaves, out = [], []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a = make_leaf(a)
+            leaves.append(a)
+        out.append(a)
+    return tuple(out), leaves
+
+
+def _call_with(args, leaves_fn):
+    """A function of the float tensors alone, with the other arguments fixed at their places."""
+    idx = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+    def fn(*floats):
+        full = list(args)
+        for i, f in zip(idx, floats):
+            full[i] = f
+        return leaves_fn(*full)
+
+    return fn
+
+
 def _outputs(out):
     """An op's public function returns a tensor or a tuple of them (add_rms_norm: (y, h))."""
     return list(out) if isinstance(out, (tuple, list)) else [out]
@@ -42,7 +67,7 @@ def test_opcheck(name, device, dtype):
     spec = torchfast.REGISTRY[name]
     op = getattr(torch.ops.torchfast, name).default
     for args, kwargs in spec.sample_inputs(device, dtype):
-        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        args, _ = _with_leaves(args, lambda a: a.clone().requires_grad_())
         opcheck(op, args, kwargs)
 
 
@@ -51,10 +76,10 @@ def test_opcheck(name, device, dtype):
 def test_gradcheck_float64(name, device):
     spec = torchfast.REGISTRY[name]
     for args, kwargs in spec.sample_inputs(device, torch.float64)[:2]:
-        args = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
-        fn = lambda *a: spec.function(*a, **kwargs)  # noqa: E731
-        assert torch.autograd.gradcheck(fn, args)
-        assert torch.autograd.gradgradcheck(fn, args)
+        args, leaves = _with_leaves(args, lambda a: a.detach().clone().requires_grad_())
+        fn = _call_with(args, lambda *a: spec.function(*a, **kwargs))
+        assert torch.autograd.gradcheck(fn, leaves)
+        assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -62,7 +87,7 @@ def test_gradcheck_float64(name, device):
 def test_compile_fullgraph_forward_backward_matches_eager(name, device):
     spec = torchfast.REGISTRY[name]
     (args, kwargs) = spec.sample_inputs(device, torch.float32)[0]
-    fn = lambda *a: spec.function(*a, **kwargs)  # noqa: E731
+    fn = _call_with(args, lambda *a: spec.function(*a, **kwargs))
     compiled = torch.compile(fn, fullgraph=True)
     leaves = [a.detach().clone().requires_grad_() for a in _float_tensors(args)]
     out_e = fn(*leaves)
@@ -82,7 +107,8 @@ def test_autocast_keeps_low_precision_inputs_and_matches(name, device):
     come back bf16, eager and compiled; the values match the op run outside autocast."""
     spec = torchfast.REGISTRY[name]
     (args, kwargs) = spec.sample_inputs(device, torch.bfloat16)[0]
-    fn = lambda *a: spec.function(*a, **kwargs)  # noqa: E731
+    fn = _call_with(args, lambda *a: spec.function(*a, **kwargs))
+    args = _float_tensors(args)
     expected = fn(*args)
     with torch.autocast(device, dtype=torch.bfloat16):
         out = fn(*args)

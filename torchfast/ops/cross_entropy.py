@@ -40,14 +40,14 @@ from torchfast.reference.cross_entropy import (
     reduce_loss,
 )
 
-_OPTS = "int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, float? softcap=None"
+_OPTS = "int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None"
 SCHEMAS = {
     "cross_entropy": f"(Tensor logits, Tensor target, *, {_OPTS}) -> (Tensor, Tensor)",
     "cross_entropy_backward": f"(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, *, {_OPTS}) -> Tensor",
 }
 LINEAR_SCHEMAS = {
     "linear_cross_entropy": "(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, "
-    "int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0.0, float z_loss=0.0, "
+    "int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0., float z_loss=0., "
     "float? softcap=None, int chunk_size=4096, bool[3] grad_mask=[False, False, False]) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "linear_cross_entropy_backward": "(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, "
@@ -411,10 +411,10 @@ _REF_DEVICES = ("cpu", "cuda", "meta", "mps", "xpu", "xla")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _targets(shape, v, device, ignored=True):
+def _targets(shape, v, device, ignored=True, ignore_index=-100):
     t = torch.randint(0, v, shape, device=device)
     if ignored and t.numel() > 1:
-        t.view(-1)[::3] = -100
+        t.view(-1)[::3] = ignore_index
     return t
 
 
@@ -425,7 +425,7 @@ def _sample_inputs(device, dtype):
         ((make(6, 37), _targets((6,), 37, device)), {"label_smoothing": 0.1, "z_loss": 1e-3}),
         ((make(5, 300), _targets((5,), 300, device, ignored=False)), {}),
         ((make(2, 3, 41), _targets((2, 3), 41, device)), {"softcap": 5.0}),
-        ((make(4, 80)[:, ::2], _targets((4,), 40, device)), {"ignore_index": 7}),
+        ((make(4, 80)[:, ::2], _targets((4,), 40, device, ignore_index=7)), {"ignore_index": 7}),
         ((make(0, 16), _targets((0,), 16, device)), {}),
     ]
 

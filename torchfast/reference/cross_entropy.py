@@ -14,6 +14,9 @@ with p = softmax(s) and g the gradient reaching the row's loss:
     d loss / d s_j = p_j * (1 + 2 z lse) - eps / V - (1 - eps) * [j == t]
     d loss / d x_j = g * (d loss / d s_j) * (1 - (s_j / c)^2)          (the last factor with softcap)
 
+Infinities and NaN give what F.cross_entropy gives: a NaN or +inf logit makes the row's loss and
+gradient NaN, a row of only -inf logits is NaN, and a -inf target logit gives +inf.
+
 Reductions: "none" keeps the per-row losses, "sum" adds them, "mean" divides the sum by the number of
 rows whose target is not ignore_index (NaN when every row is ignored, as F.cross_entropy gives).
 The math runs in float32 (float64 for float64 logits); the loss is returned in the logits' dtype.
@@ -48,6 +51,9 @@ def cross_entropy_rows_reference(logits: torch.Tensor, target: torch.Tensor, *, 
     Differentiable in logits (the lse output too)."""
     s = softcapped(logits.to(acc_dtype(logits.dtype)), softcap)
     lse = torch.logsumexp(s, dim=-1)
+    # A +inf logit makes F.cross_entropy's whole row NaN (its log_softmax subtracts the infinite max);
+    # torch.logsumexp would say +inf.
+    lse = torch.where(s.isposinf().any(-1), torch.full_like(lse, float("nan")), lse)
     valid, t = _safe_target(target, ignore_index)
     loss = lse - (1.0 - label_smoothing) * s.gather(-1, t.unsqueeze(-1)).squeeze(-1)
     if label_smoothing:

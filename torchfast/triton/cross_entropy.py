@@ -20,7 +20,8 @@ Numerics:
   fp64 kernel could not honour the reference's fp64 math; impl="native" computes them in fp64.
 - Online log-sum-exp: with m the running max, l = sum_j exp(s_j - m_ref) where m_ref is m, or 0 when
   m is infinite. Rescaling by exp(m_old - m_ref_new) then gives torch.logsumexp's special values:
-  a row of -inf has lse = -inf (l stays 0), a +inf logit gives lse = +inf, a NaN gives NaN.
+  a row of -inf has lse = -inf (l stays 0), a NaN gives NaN; a +inf logit gives NaN (not
+  logsumexp's +inf), as F.cross_entropy's row is then NaN.
 - tanh for the softcap is computed here (libdevice's tanh does not run in the interpreter): Cephes'
   tanhf polynomial below |y| = 0.625, where 1 - 2 / (exp(2|y|) + 1) would cancel, that formula above.
   Both are within a few fp32 ulp.
@@ -137,6 +138,7 @@ def _cross_entropy_fwd_kernel(x_ptr, x_stride, t_ptr, loss_ptr, lse_ptr, g_ptr, 
         if HAS_SMOOTHING:
             s_sum += tl.sum(tl.where(mask, s, 0.0), 0)
     lse = tl.where(tl.abs(m) == float("inf"), 0.0, m) + tl.log(l)
+    lse = tl.where(m == float("inf"), float("nan"), lse)  # F.cross_entropy's row is NaN then
 
     t, ignored, in_range = _row_target(t_ptr, row, V, ignore_index)
     s_t = _softcapped(tl.load(x_row + tl.where(in_range, t, 0)).to(tl.float32), softcap, HAS_SOFTCAP)

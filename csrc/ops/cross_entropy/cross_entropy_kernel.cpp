@@ -77,13 +77,14 @@ void fwd_rows(const T* x, int64_t x_stride, const int64_t* target, int64_t begin
         sum *= std::exp(m - bmax);  // 0 when m was -inf
         m = bmax;
       }
-      if (m == inf) continue;  // lse = +inf below, as torch.logsumexp gives
+      if (m == inf) continue;  // NaN below
       const V mv(m);
       sum += at::vec::map_reduce_all<A>([&](const V& v) { return (v - mv).exp(); },
                                         [](const V& u, const V& v) { return u + v; }, buf, cnt);
     }
-    // All -inf: log(0) = -inf (torch.logsumexp's answer); NaN anywhere: NaN.
-    A l = nan ? std::numeric_limits<A>::quiet_NaN() : (m == inf ? inf : m + std::log(sum));
+    // All -inf: log(0) = -inf, and the loss -inf - (-inf) = NaN; NaN or +inf anywhere: NaN. These are
+    // F.cross_entropy's answers (its log_softmax subtracts an infinite max).
+    const A l = (nan || m == inf) ? std::numeric_limits<A>::quiet_NaN() : m + std::log(sum);
     lse[i] = l;
     const int64_t t = target[i];
     if (t == o.ignore_index) {

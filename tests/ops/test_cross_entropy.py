@@ -1,0 +1,300 @@
+"""Numerics of torchfast.cross_entropy and linear_cross_entropy: against F.cross_entropy for every
+argument they share, against the float64 reference for the rest (z_loss, softcap), every CPU ISA
+variant, the corner cases (ignored rows, -inf / NaN logits, empty inputs) and bad input.
+opcheck, gradcheck, compile and autocast run for both ops in tests/test_conformance.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchfast
+from torchfast.testing import assert_close
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SHARED = [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.1},
+          {"label_smoothing": 0.3, "reduction": "none"}, {"ignore_index": 3}]
+
+
+def _target(n, v, ignore_index=-100, every=4):
+    t = torch.randint(0, v, (n,))
+    t[::every] = ignore_index
+    return t
+
+
+def _fwd_bwd(fn, x, *args, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x, *args, **kwargs)
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    return y, g
+
+
+@pytest.mark.parametrize("isa", torchfast._ext.runnable_cpu_isas() or ["none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_f_cross_entropy_for_shared_arguments_on_every_isa(isa, dtype, restore_cpu_isa):
+    if isa != "none":
+        torchfast._ext.set_cpu_isa(isa)
+    # V = 5003 spans three blocks of the CPU kernel (2048), with a tail shorter than a vector.
+    for v in (37, 5003):
+        x = (torch.randn(23, v) * 4).to(dtype)
+        for kwargs in SHARED:
+            t = _target(23, v, kwargs.get("ignore_index", -100))
+            y, g = _fwd_bwd(torchfast.cross_entropy, x, t, **kwargs)
+            y_ref, g_ref = _fwd_bwd(F.cross_entropy, x.double(), t, **kwargs)
+            assert y.dtype == dtype
+            # bf16/fp16: torch computes in the low precision; compare with the float64 loss instead.
+            assert_close(y, y_ref, dtype=dtype, what=f"loss V={v} {kwargs}")
+            assert_close(g, g_ref, dtype=dtype, what=f"grad V={v} {kwargs}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kwargs", [{"z_loss": 1e-3}, {"softcap": 5.0}, {"softcap": 30.0, "z_loss": 1e-4,
+                                                                        "label_smoothing": 0.1}], ids=str)
+def test_z_loss_and_softcap_match_the_reference(dtype, kwargs):
+    x = (torch.randn(3, 5, 2100) * 6).to(dtype)
+    t = torch.randint(0, 2100, (3, 5))
+    t[0, 1] = -100
+    for reduction in ("mean", "none"):
+        y, g = _fwd_bwd(torchfast.cross_entropy, x, t, reduction=reduction, **kwargs)
+        y_ref, g_ref = _fwd_bwd(torchfast.cross_entropy, x.double(), t, reduction=reduction, impl="reference",
+                                **kwargs)
+        assert_close(y, y_ref, dtype=dtype)
+        assert_close(g, g_ref, dtype=dtype, what="grad")
+
+
+def test_z_loss_adds_lse_squared_per_token():
+    x = torch.randn(8, 50, dtype=torch.float64)
+    t = torch.randint(0, 50, (8,))
+    plain = torchfast.cross_entropy(x, t, reduction="none")
+    with_z = torchfast.cross_entropy(x, t, reduction="none", z_loss=0.5)
+    assert_close(with_z - plain, 0.5 * torch.logsumexp(x, -1).square())
+
+
+def test_class_last_layout_and_strided_logits():
+    x = torch.randn(2, 3, 40, 100)[..., ::2]  # [..., V] with V = 50, strided rows
+    t = torch.randint(0, 50, (2, 3, 40))
+    y, g = _fwd_bwd(torchfast.cross_entropy, x, t, reduction="none")
+    y_ref, g_ref = _fwd_bwd(F.cross_entropy, x.double().reshape(-1, 50), t.reshape(-1), reduction="none")
+    assert_close(y, y_ref.reshape(2, 3, 40), dtype=torch.float32)
+    assert_close(g, g_ref.reshape(g.shape), dtype=torch.float32, what="grad")
+
+
+def test_int32_target_is_accepted():
+    x, t = torch.randn(6, 9), torch.randint(0, 9, (6,))
+    assert_close(torchfast.cross_entropy(x, t.int()), F.cross_entropy(x.double(), t), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_targets_ignored_and_empty_inputs_match_torch(reduction):
+    x = torch.randn(5, 7)
+    t = torch.full((5,), -100)
+    y, g = _fwd_bwd(torchfast.cross_entropy, x, t, reduction=reduction)
+    y_ref, g_ref = _fwd_bwd(F.cross_entropy, x, t, reduction=reduction)
+    assert_close(y, y_ref)  # mean: NaN, as torch gives (0 / 0)
+    assert_close(g, g_ref, what="grad")
+    e, te = torch.randn(0, 7), torch.zeros(0, dtype=torch.long)
+    assert_close(torchfast.cross_entropy(e, te, reduction=reduction), F.cross_entropy(e, te, reduction=reduction))
+
+
+def test_infinities_and_nan_propagate_like_torch():
+    x = torch.randn(6, 3000, dtype=torch.float64)
+    x[0, :2500] = float("-inf")  # first block all -inf: must not turn the row into NaN
+    x[1, 7] = float("-inf")      # the target's logit is -inf: loss +inf
+    x[2, 100] = float("nan")
+    x[3, 5] = float("inf")
+    x[4, :] = float("-inf")      # every logit -inf: NaN, as torch gives
+    t = torch.tensor([2600, 7, 1, 2, 3, 4])
+    for dtype in (torch.float32, torch.float64):
+        y, g = _fwd_bwd(torchfast.cross_entropy, x.to(dtype), t, reduction="none")
+        y_ref, g_ref = _fwd_bwd(F.cross_entropy, x, t, reduction="none")
+        assert_close(y, y_ref, dtype=dtype)
+        assert_close(g[[0, 2, 4, 5]], g_ref[[0, 2, 4, 5]], dtype=dtype, what="grad")
+        assert g[2].isnan().all()
+
+
+def test_out_of_range_target_raises_like_torch():
+    x = torch.randn(4, 10)
+    for bad in (10, -1, -5):
+        t = torch.tensor([1, bad, 2, 3])
+        with pytest.raises(IndexError, match="out of bounds"):
+            F.cross_entropy(x, t)
+        with pytest.raises(IndexError, match=r"torchfast.cross_entropy: target .* out of bounds for 10 classes"):
+            torchfast.cross_entropy(x, t)
+        with pytest.raises(IndexError, match="torchfast.linear_cross_entropy: target"):
+            torchfast.linear_cross_entropy(torch.randn(4, 3), torch.randn(10, 3), t)
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("float_target", TypeError, "argument 'target' has dtype torch.float32; expected class indices"),
+    ("target_shape", RuntimeError, "argument 'target' has shape .5,. but 'logits' has shape .4, 10."),
+    ("empty_vocab", RuntimeError, "its last dimension .the classes. is empty"),
+    ("int_logits", TypeError, "argument 'logits' has dtype torch.int64"),
+    ("reduction", ValueError, "reduction must be one of"),
+    ("label_smoothing", ValueError, "label_smoothing must be in .0, 1."),
+    ("softcap", ValueError, "softcap must be None or a finite number > 0"),
+    ("target_device", RuntimeError, "'logits' is on cpu but 'target' is on meta"),
+])
+def test_bad_input_errors_name_the_op_and_argument(case, error, match):
+    x, t = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    x0, t0 = x.clone(), t.clone()
+    args, kwargs = (x, t), {}
+    if case == "float_target":
+        args = (x, t.float())
+    elif case == "target_shape":
+        args = (x, torch.randint(0, 10, (5,)))
+    elif case == "empty_vocab":
+        args = (torch.randn(4, 0), t)
+    elif case == "int_logits":
+        args = (t.reshape(4, 1).expand(4, 10).contiguous(), t)
+    elif case == "target_device":
+        args = (x, t.to("meta"))
+    else:
+        kwargs = {"reduction": {"reduction": "avg"}, "label_smoothing": {"label_smoothing": 1.5},
+                  "softcap": {"softcap": 0.0}}[case]
+    with pytest.raises(error, match=match):
+        torchfast.cross_entropy(*args, **kwargs)
+    assert torch.equal(x, x0) and torch.equal(t, t0)  # nothing modified
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("hidden_size", RuntimeError, "argument 'weight' has shape .50, 7. but 'hidden' has shape .6, 8.; weight "
+     "must be .vocab, 8."),
+    ("weight_device", RuntimeError, "'hidden' is on cpu but 'weight' is on meta"),
+    ("bias_shape", RuntimeError, "argument 'bias' has shape .49,.; expected .50."),
+    ("weight_dtype", TypeError, "'weight' has dtype torch.float64 but 'hidden' has dtype torch.float32"),
+    ("target_shape", RuntimeError, "argument 'target' has shape .7,. but 'hidden' has shape .6, 8."),
+    ("empty_vocab", RuntimeError, "the vocabulary .its first dimension. is empty"),
+    ("chunk_size", ValueError, "chunk_size must be a positive int"),
+])
+def test_linear_bad_input_errors(case, error, match):
+    h, w, t, b = torch.randn(6, 8), torch.randn(50, 8), torch.randint(0, 50, (6,)), None
+    kwargs = {}
+    if case == "hidden_size":
+        w = torch.randn(50, 7)
+    elif case == "weight_device":
+        w = w.to("meta")
+    elif case == "bias_shape":
+        b = torch.randn(49)
+    elif case == "weight_dtype":
+        w = w.double()
+    elif case == "target_shape":
+        t = torch.randint(0, 50, (7,))
+    elif case == "empty_vocab":
+        w = torch.randn(0, 8)
+    elif case == "chunk_size":
+        kwargs = {"chunk_size": 0}
+    with pytest.raises(error, match=match):
+        torchfast.linear_cross_entropy(h, w, t, b, **kwargs)
+
+
+def _linear_ref(h, w, t, b=None, **kwargs):
+    kwargs.pop("chunk_size", None)
+    return torchfast.cross_entropy(F.linear(h, w, b), t, impl="reference", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kwargs", [{}, {"reduction": "sum", "chunk_size": 7}, {"reduction": "none", "chunk_size": 5},
+                                    {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 15.0, "chunk_size": 4}],
+                         ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_linear_then_cross_entropy(dtype, kwargs, bias):
+    h = torch.randn(3, 9, 64).to(dtype).requires_grad_()
+    w = (torch.randn(700, 64) * 0.2).to(dtype).requires_grad_()
+    b = torch.randn(700).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, 700, (3, 9))
+    t[1, ::3] = -100
+    leaves = [h, w] + ([b] if bias else [])
+    y = torchfast.linear_cross_entropy(h, w, t, b, **kwargs)
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
+    y_ref = _linear_ref(*ref_leaves[:2], t, *ref_leaves[2:], **dict(kwargs))
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, torch.ones_like(y_ref))
+    # bf16: the logits themselves are rounded to bf16 by the GEMM, as F.linear's are: a looser bound.
+    tol = {} if dtype == torch.float32 else {"rtol": 4e-2, "atol": 2e-2}
+    assert y.dtype == dtype
+    assert_close(y, y_ref, dtype=dtype, **tol)
+    for name, g, gr in zip(("hidden", "weight", "bias"), grads, grads_ref):
+        assert g.dtype == dtype
+        assert_close(g, gr, dtype=dtype, what=f"grad {name}", **tol)
+
+
+def test_chunk_size_changes_nothing_but_memory():
+    h, w = torch.randn(50, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    t = torch.randint(0, 300, (50,))
+    results = []
+    for chunk in (1, 7, 50, 1000):
+        y = torchfast.linear_cross_entropy(h, w, t, chunk_size=chunk)
+        results.append((y, *torch.autograd.grad(y, (h, w))))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weight_hidden_without_grad_and_no_grad_mode():
+    emb = torch.nn.Embedding(100, 16)
+    tokens = torch.randint(0, 100, (12,))
+    t = torch.randint(0, 100, (12,))
+
+    def step(loss_fn):
+        emb.zero_grad()
+        h = emb(tokens) * 2.0
+        loss_fn(h, emb.weight, t).backward()
+        return emb.weight.grad.clone()
+
+    g = step(torchfast.linear_cross_entropy)
+    g_ref = step(lambda h, w, t: F.cross_entropy(F.linear(h, w), t))
+    assert_close(g, g_ref, rtol=1e-5, atol=1e-6, what="tied weight grad (embedding + head)")
+    # hidden that does not require grad: only the weight's gradient is computed.
+    h = torch.randn(12, 16)
+    w = torch.randn(100, 16, requires_grad=True)
+    (gw,) = torch.autograd.grad(torchfast.linear_cross_entropy(h, w, t), (w,))
+    (gw_ref,) = torch.autograd.grad(F.cross_entropy(F.linear(h, w), t), (w,))
+    assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        y = torchfast.linear_cross_entropy(h, w, t)
+    assert not y.requires_grad
+    assert_close(y, F.cross_entropy(F.linear(h, w), t).detach())
+
+
+def test_linear_cross_entropy_under_autocast_with_fp32_master_weight():
+    h = torch.randn(16, 32, requires_grad=True)
+    w = torch.randn(200, 32, requires_grad=True)
+    t = torch.randint(0, 200, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torchfast.linear_cross_entropy(h, w, t)
+        y_ref = F.cross_entropy(F.linear(h, w), t)
+    g = torch.autograd.grad(y, (h, w))
+    g_ref = torch.autograd.grad(y_ref, (h, w))
+    assert y.dtype == torch.float32 and g[1].dtype == torch.float32
+    assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, rtol=5e-2, atol=5e-3, what="grad")
+
+
+def test_reduction_none_backward_takes_per_row_gradients():
+    h = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (10,))
+    weights = torch.rand(10, dtype=torch.float64)
+    y = torchfast.linear_cross_entropy(h, w, t, reduction="none", chunk_size=3)
+    g = torch.autograd.grad((y * weights).sum(), (h, w))
+    y_ref = _linear_ref(h, w, t, reduction="none")
+    g_ref = torch.autograd.grad((y_ref * weights).sum(), (h, w))
+    for a, b in zip(g, g_ref):
+        assert_close(a, b)
+
+
+def test_cross_entropy_keeps_no_log_softmax():
+    """Saved for backward: the logits (the caller's tensor) and one float per row, nothing [N, V]."""
+    x = torch.randn(64, 1000, requires_grad=True)
+    t = torch.randint(0, 1000, (64,))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        torchfast.cross_entropy(x, t)
+    new_bytes = sum(s.numel() * s.element_size() for s in saved if s.data_ptr() != x.data_ptr())
+    # target (int64) and lse (fp32) per row, and the mean's 0-d divisor: nothing of size [64, 1000].
+    assert new_bytes <= 64 * 8 + 64 * 4 + 64
