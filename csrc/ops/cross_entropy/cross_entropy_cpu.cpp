@@ -125,7 +125,7 @@ struct LinearGrads {
 LinearGrads alloc_grads(const LinearCE& c, const std::array<bool, 3>& mask) {
   LinearGrads g;
   if (mask[0]) g.dh = at::empty_like(c.h);
-  if (mask[1]) g.dw = at::zeros_like(c.w);
+  if (mask[1]) g.dw = c.rows > 0 ? at::empty_like(c.w) : at::zeros_like(c.w);  // run_chunks writes it
   if (mask[2] && c.b.has_value()) g.db_acc = at::zeros({c.vocab}, c.h.options().dtype(ce_acc_dtype(c.h)));
   return g;
 }
@@ -166,7 +166,13 @@ void run_chunks(const LinearCE& c, int64_t chunk, bool fwd, at::Tensor* loss, at
       at::Tensor dh = g->dh.narrow(0, start, m);
       at::mm_out(dh, logits, c.w);
     }
-    if (g->dw.defined()) g->dw.addmm_(logits.t(), hc);
+    if (g->dw.defined()) {
+      if (start == 0) {
+        at::mm_out(g->dw, logits.t(), hc);  // the first chunk writes: no zero fill, no beta = 1 pass
+      } else {
+        g->dw.addmm_(logits.t(), hc);
+      }
+    }
     if (g->db_acc.defined()) g->db_acc.add_(at::sum(logits, {0}, false, g->db_acc.scalar_type()));
   }
 }
