@@ -541,3 +541,16 @@ def _autocast_on(x: torch.Tensor) -> bool:
 
 SPEC.function = cross_entropy
 LINEAR_SPEC.function = linear_cross_entropy
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+# Standard-domain ONNX only (SoftmaxCrossEntropyLoss for plain 2-D logits, elementary ops otherwise):
+# the translations are in torchfast/ops/_cross_entropy_onnx.py.
+from torchfast.ops import _cross_entropy_onnx as _onnx  # noqa: E402
+
+SPEC.onnx_translations["cross_entropy"] = {_onnx.OPSET: _onnx.cross_entropy_onnx}
+SPEC.onnx_symbolics["cross_entropy"] = {_onnx.LEGACY_OPSET: _onnx.cross_entropy_symbolic}
+LINEAR_SPEC.onnx_translations["linear_cross_entropy"] = {_onnx.OPSET: _onnx.linear_cross_entropy_onnx}
+LINEAR_SPEC.onnx_symbolics["linear_cross_entropy"] = {
+    _onnx.LEGACY_OPSET: _onnx.linear_cross_entropy_symbolic}
+# --- end ONNX ---------------------------------------------------------------------------------------
