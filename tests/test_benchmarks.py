@@ -227,3 +227,35 @@ def test_bench_swish_quick_runs_end_to_end(tmp_path):
     assert compiled in (x_bytes, 2 * x_bytes)  # inductor's partitioner decides; torch 2.13 saves x alone
     assert set(data["summary"]["targets"]) == {"torchfast vs eager", "torchfast vs silu",
                                                "torchfast vs compiled"}
+
+
+# -- bench_cross_entropy ------------------------------------------------------------------------------
+
+
+def test_bench_cross_entropy_quick_runs_end_to_end(tmp_path):
+    """The smoke run (small sizes, float32, every part): exit 0, tables, JSON with every case. At these
+    sizes the peak-RSS growth is within the process's start-up peak, so only its form is checked."""
+    out = tmp_path / "ce.json"
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "bench_cross_entropy.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for heading in ("torchfast ms", "eager ms", "compiled ms", "vs eager", "vs compiled", "saved for backward",
+                    "threads ", "load average", "peak RSS"):
+        assert heading in proc.stdout, f"'{heading}' missing from output:\n{proc.stdout}"
+    data = json.loads(out.read_text())
+    cases = {c["params"]["op"]: c for c in data["cases"]}
+    assert set(cases) == {"cross_entropy", "linear_cross_entropy"} and data["config"]["dtypes"] == ["float32"]
+    for c in cases.values():
+        assert set(c["variants"]) == {"torchfast", "eager", "compiled"}
+        assert all(v["ms"]["median"] > 0 for v in c["variants"].values())
+        assert set(c["speedup"]) == {"eager", "compiled"}
+        assert c["params"]["check"]["loss_rel_diff"] < 1e-4
+    assert len(cases["linear_cross_entropy"]["variants"]["torchfast"]["samples_ms"]) == 2
+    # torchfast keeps the logits, the targets and one float per row; F.cross_entropy its log-softmax
+    saved = {k: v["saved"]["bytes"] for k, v in cases["cross_entropy"]["variants"].items()}
+    logits = 64 * 1000 * 4
+    assert logits <= saved["torchfast"] <= logits + 64 * 16 and saved["eager"] >= logits
+    (mem,) = data["memory"]
+    assert set(mem["variants"]) == {"torchfast", "eager", "compiled"} and mem["status"] in ("PASS", "FAIL", "n/a")
+    assert all(v["growth_bytes"] >= 0 and v["first_step_s"] > 0 for v in mem["variants"].values())
+
