@@ -43,11 +43,12 @@ TORCH_LIBRARY(torchfast, m) {
   m.def("cross_entropy(Tensor logits, Tensor target, *, int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None) -> (Tensor, Tensor)");
   m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, *, int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None) -> Tensor");
   // hidden @ weight^T (+ bias) followed by cross_entropy, in chunks of tokens, never holding the full
-  // logits. For reduction "mean"/"sum" the gradients named by grad_mask (hidden, weight, bias) are
+  // logits. For reduction "mean"/"sum" the gradients named by grad_mask (bits 1, 2, 4: hidden, weight,
+  // bias; an int, not bool[3], which torch.jit.trace cannot record) are
   // computed during the forward (already scaled for the reduction) and returned; otherwise, and for
   // the ones not asked for, empty tensors. The backward op recomputes the logits chunk by chunk.
-  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0., float z_loss=0., float? softcap=None, int chunk_size=4096, bool[3] grad_mask=[False, False, False]) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor lse, *, int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None, int chunk_size=4096, bool[3] grad_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0., float z_loss=0., float? softcap=None, int chunk_size=4096, int grad_mask=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor lse, *, int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None, int chunk_size=4096, int grad_mask=7) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace torchfast::cpu {

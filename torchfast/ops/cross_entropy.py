@@ -48,10 +48,10 @@ SCHEMAS = {
 LINEAR_SCHEMAS = {
     "linear_cross_entropy": "(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, "
     "int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0., float z_loss=0., "
-    "float? softcap=None, int chunk_size=4096, bool[3] grad_mask=[False, False, False]) "
+    "float? softcap=None, int chunk_size=4096, int grad_mask=0) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     "linear_cross_entropy_backward": "(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, "
-    f"Tensor? bias, Tensor lse, *, {_OPTS}, int chunk_size=4096, bool[3] grad_mask=[True, True, True]) "
+    f"Tensor? bias, Tensor lse, *, {_OPTS}, int chunk_size=4096, int grad_mask=7) "
     "-> (Tensor, Tensor, Tensor)",
 }
 
@@ -74,8 +74,19 @@ def _rows_kernel(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_lo
     return loss, lse
 
 
+def mask_bits(mask: int) -> tuple[bool, bool, bool]:
+    """grad_mask of the linear ops: bit 1 hidden, bit 2 weight, bit 4 bias (an int in the schema:
+    torch.jit.trace cannot record a bool[3])."""
+    return bool(mask & 1), bool(mask & 2), bool(mask & 4)
+
+
+def mask_int(hidden: bool, weight: bool, bias: bool) -> int:
+    return int(hidden) | 2 * int(weight) | 4 * int(bias)
+
+
 def _linear_kernel(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                   z_loss=0.0, softcap=None, chunk_size=4096, grad_mask=(False, False, False)):
+                   z_loss=0.0, softcap=None, chunk_size=4096, grad_mask=0):
+    grad_mask = mask_bits(grad_mask)
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     with torch.no_grad():
         rows, lse = cross_entropy_rows_reference(F.linear(hidden, weight, bias), target, **opts)
@@ -92,8 +103,8 @@ def _linear_kernel(hidden, weight, target, bias=None, *, ignore_index=-100, redu
     return (loss, lse, *grads)
 
 
-def _linear_backward_kernel(grad_loss, hidden, weight, target, bias, lse, *, chunk_size=4096,
-                            grad_mask=(True, True, True), **opts):
+def _linear_backward_kernel(grad_loss, hidden, weight, target, bias, lse, *, chunk_size=4096, grad_mask=7, **opts):
+    grad_mask = mask_bits(grad_mask)
     with torch.no_grad():
         dh, dw, db = linear_cross_entropy_backward_reference(grad_loss, hidden, weight, target, bias, lse, **opts)
     return (dh if grad_mask[0] else _empty_grad(hidden), dw if grad_mask[1] else _empty_grad(weight),
@@ -135,8 +146,9 @@ def _cross_entropy_backward_fake(grad_loss, logits, target, lse, **_opts):
 
 @torch.library.register_fake("torchfast::linear_cross_entropy")
 def _linear_fake(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                 z_loss=0.0, softcap=None, chunk_size=4096, grad_mask=(False, False, False)):
+                 z_loss=0.0, softcap=None, chunk_size=4096, grad_mask=0):
     _check_linear("linear_cross_entropy", hidden, weight, target, bias)
+    grad_mask = mask_bits(grad_mask)
     sums = reduction != "none"
     loss = hidden.new_empty(() if sums else target.shape, dtype=acc_dtype(hidden.dtype))
     grads = (
@@ -149,9 +161,9 @@ def _linear_fake(hidden, weight, target, bias=None, *, ignore_index=-100, reduct
 
 
 @torch.library.register_fake("torchfast::linear_cross_entropy_backward")
-def _linear_backward_fake(grad_loss, hidden, weight, target, bias, lse, *, chunk_size=4096,
-                          grad_mask=(True, True, True), **_opts):
+def _linear_backward_fake(grad_loss, hidden, weight, target, bias, lse, *, chunk_size=4096, grad_mask=7, **_opts):
     _check_linear("linear_cross_entropy_backward", hidden, weight, target, bias)
+    grad_mask = mask_bits(grad_mask)
     return (
         torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_mask[0] else _empty_grad(hidden),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if grad_mask[1] else _empty_grad(weight),
@@ -257,7 +269,7 @@ def _setup_linear(ctx, inputs, keyword_only_inputs, output):
     _store_opts(ctx, keyword_only_inputs)
     ctx.reduction = keyword_only_inputs.get("reduction", "mean")
     ctx.chunk_size = keyword_only_inputs.get("chunk_size", 4096)
-    ctx.done = tuple(keyword_only_inputs.get("grad_mask", (False, False, False)))
+    ctx.done = mask_bits(keyword_only_inputs.get("grad_mask", 0))
     ctx.has_bias = bias is not None
     ctx.save_for_backward(hidden, weight, target, bias, output[1], *output[2:])
     ctx.mark_non_differentiable(*output[2:])
@@ -277,7 +289,7 @@ def _backward_linear(ctx, grad_loss, grad_lse, *_grads_of_grads):
                 rows = grad_loss / (target != ctx.ignore_index).sum()
             rows = rows.expand(target.shape)
             grads = torch.ops.torchfast.linear_cross_entropy_backward(
-                rows, hidden, weight, target, bias, lse, **_ce_opts(ctx), chunk_size=ctx.chunk_size, grad_mask=need)
+                rows, hidden, weight, target, bias, lse, **_ce_opts(ctx), chunk_size=ctx.chunk_size, grad_mask=mask_int(*need))
             out = [g if n else None for g, n in zip(grads, need)]
     if grad_lse is not None:
         d = _lse_term(grad_lse, F.linear(hidden, weight, bias), lse, ctx.softcap).reshape(-1, weight.shape[0])
@@ -372,9 +384,9 @@ def _native_cross_entropy(logits, target, *, ignore_index=-100, reduction="mean"
     return reduce_loss(rows, target, ignore_index, reduction, logits.dtype)
 
 
-def _grad_mask(*tensors) -> list[bool]:
+def _grad_mask(*tensors) -> int:
     on = torch.is_grad_enabled()
-    return [bool(on and t is not None and t.requires_grad) for t in tensors]
+    return mask_int(*(bool(on and t is not None and t.requires_grad) for t in tensors))
 
 
 def _native_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean",

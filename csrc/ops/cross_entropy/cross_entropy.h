@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -98,6 +99,15 @@ inline void check_linear_args(const at::Tensor& hidden, const at::Tensor& weight
   }
   TORCH_CHECK_VALUE(chunk_size > 0, "torchfast.", op, ": chunk_size must be > 0; got ", chunk_size);
 }
+
+// grad_mask of the linear ops: bit 1 hidden, bit 2 weight, bit 4 bias.
+inline std::array<bool, 3> grad_mask_bits(int64_t mask, const char* op) {
+  TORCH_CHECK_VALUE(mask >= 0 && mask <= 7, "torchfast.", op, ": grad_mask must be in [0, 7] (bits 1, 2, 4: ",
+                    "hidden, weight, bias); got ", mask);
+  return {(mask & 1) != 0, (mask & 2) != 0, (mask & 4) != 0};
+}
+
+inline int64_t grad_mask_int(const std::array<bool, 3>& m) { return (m[0] ? 1 : 0) | (m[1] ? 2 : 0) | (m[2] ? 4 : 0); }
 
 inline bool ce_reduction_sums(const std::string& reduction, const char* op) {
   TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", "torchfast.", op,

@@ -6,14 +6,17 @@
 // its backward runs the torchfast::cross_entropy_backward op, which recomputes softmax from them.
 //
 // linear_cross_entropy: for reduction "mean"/"sum" the forward op already computed the gradients (the
-// grad_mask the caller passed, see the op's schema comment); backward multiplies them by the incoming
-// scalar gradient. Otherwise (reduction "none", a gradient the forward did not compute, or a backward
+// grad_mask the caller passed, see the op's schema comment); backward multiplies them, in place, by the
+// incoming scalar gradient (the op's gradient outputs are consumed by its backward). Otherwise (reduction
+// "none", a gradient the forward did not compute, or a backward
 // that builds a graph for a double backward) it runs torchfast::linear_cross_entropy_backward, which
 // recomputes the logits chunk by chunk and whose own (Python) autograd gives the double backward.
 //
 // The lse outputs are differentiable: a gradient reaching them (never from the public functions, which
 // do not return lse) adds grad_lse * softmax(s) * softcap'(x) to the logits' gradient.
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/linear.h>
@@ -21,6 +24,8 @@
 #include <ATen/ops/tanh.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "cross_entropy.h"
 
 #include <array>
 #include <optional>
@@ -54,23 +59,23 @@ at::Tensor ce_backward_op(const at::Tensor& g, const at::Tensor& x, const at::Te
 }
 
 Tensor5 lce_op(const at::Tensor& h, const at::Tensor& w, const at::Tensor& t, const OptTensor& b, int64_t ii,
-               c10::string_view red, double ls, double z, OptDouble cap, int64_t chunk, std::array<bool, 3> mask) {
+               c10::string_view red, double ls, double z, OptDouble cap, int64_t chunk, int64_t mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torchfast::linear_cross_entropy", "")
                        .typed<Tensor5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                                       int64_t, c10::string_view, double, double, OptDouble, int64_t,
-                                      std::array<bool, 3>)>();
+                                      int64_t)>();
   return op.call(h, w, t, b, ii, red, ls, z, cap, chunk, mask);
 }
 
 Tensor3 lce_backward_op(const at::Tensor& g, const at::Tensor& h, const at::Tensor& w, const at::Tensor& t,
                         const OptTensor& b, const at::Tensor& lse, int64_t ii, double ls, double z, OptDouble cap,
-                        int64_t chunk, std::array<bool, 3> mask) {
+                        int64_t chunk, int64_t mask) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("torchfast::linear_cross_entropy_backward", "")
                        .typed<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const OptTensor&, const at::Tensor&, int64_t, double, double, OptDouble,
-                                      int64_t, std::array<bool, 3>)>();
+                                      int64_t, int64_t)>();
   return op.call(g, h, w, t, b, lse, ii, ls, z, cap, chunk, mask);
 }
 
@@ -127,14 +132,18 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
  public:
   static tensor_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
                              const at::Tensor& target, const OptTensor& bias, int64_t ii, c10::string_view reduction,
-                             double ls, double z, OptDouble cap, int64_t chunk, std::array<bool, 3> mask) {
+                             double ls, double z, OptDouble cap, int64_t chunk, int64_t mask) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, lse, dh, dw, db] = lce_op(hidden, weight, target, bias, ii, reduction, ls, z, cap, chunk, mask);
-    ctx->save_for_backward({hidden, weight, target, bias.value_or(at::Tensor()), lse, dh, dw, db});
+    ctx->save_for_backward({hidden, weight, target, bias.value_or(at::Tensor()), lse});
+    // The forward's gradients are kept outside the saved variables: backward scales them in place and
+    // hands them on, so the step holds one copy of each, not two. A second backward through the same
+    // graph (retain_graph) finds them gone and recomputes.
+    ctx->saved_data["grads"] = c10::List<at::Tensor>({dh, dw, db});
     save_options(ctx, ii, ls, z, cap);
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->saved_data["chunk_size"] = chunk;
-    ctx->saved_data["mask"] = c10::List<bool>({mask[0], mask[1], mask[2]});
+    ctx->saved_data["mask"] = mask;
     ctx->mark_non_differentiable({dh, dw, db});
     ctx->set_materialize_grads(false);
     return {loss, lse, dh, dw, db};
@@ -148,25 +157,34 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
     const double cap = ctx->saved_data["softcap"].toDouble();
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();
     const int64_t chunk = ctx->saved_data["chunk_size"].toInt();
-    const c10::List<bool> done = ctx->saved_data["mask"].toBoolList();
+    const std::array<bool, 3> done = grad_mask_bits(ctx->saved_data["mask"].toInt(), "linear_cross_entropy");
     const std::array<bool, 3> need = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       bias.defined() && ctx->needs_input_grad(3)};
+    c10::List<at::Tensor> pre = ctx->saved_data["grads"].toTensorList();
+    ctx->saved_data["grads"] = c10::List<at::Tensor>();  // released with this backward, whichever path runs
     std::array<at::Tensor, 3> out;
     const at::Tensor& g = grads[0];
     if (g.defined()) {
       // The forward's gradients serve when it computed every one needed and no graph is being built.
-      bool precomputed = reduction != "none" && !at::GradMode::is_enabled();
-      for (int i = 0; i < 3; ++i) precomputed = precomputed && (!need[i] || done.get(i));
+      bool precomputed = reduction != "none" && !at::GradMode::is_enabled() && pre.size() == 3;
+      for (int i = 0; i < 3; ++i) precomputed = precomputed && (!need[i] || done[i]);
       if (precomputed) {
         for (int i = 0; i < 3; ++i) {
-          if (need[i]) out[i] = saved[5 + i] * g;
+          if (!need[i]) continue;
+          at::Tensor p = pre.get(i);
+          // In place on real tensors; traced graphs (fake or functional tensors under torch.compile) get
+          // the out-of-place product, whose buffer the compiler's memory planning reuses.
+          const bool traced = at::isTensorSubclassLike(p) || at::isTensorSubclassLike(g) ||
+                              at::functionalization::impl::isFunctionalTensor(p) ||
+                              at::functionalization::impl::isFunctionalTensor(g);
+          out[i] = traced ? p * g : p.mul_(g);
         }
       } else {
         at::Tensor rows = g;
         if (reduction == "mean") rows = g / at::ne(target, ii).sum();
         if (reduction != "none") rows = rows.expand(target.sizes());
         auto [dh, dw, db] = lce_backward_op(rows, hidden, weight, target, opt(bias), lse, ii, ls, z, opt_cap(cap),
-                                            chunk, need);
+                                            chunk, grad_mask_int(need));
         out = {dh, dw, db};
       }
     }
@@ -179,9 +197,7 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
       if (need[2]) out[2] = add_defined(out[2], d2.sum(0));
     }
     for (int i = 0; i < 3; ++i) {
-      if (!need[i] || (out[i].defined() && out[i].numel() == 0 && saved[i == 2 ? 3 : i].numel() != 0)) {
-        out[i] = at::Tensor();
-      }
+      if (!need[i]) out[i] = at::Tensor();
     }
     return {out[0], out[1], at::Tensor(), out[2], at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -196,7 +212,7 @@ Tensor2 cross_entropy_autograd(const at::Tensor& logits, const at::Tensor& targe
 
 Tensor5 linear_cross_entropy_autograd(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
                                       const OptTensor& bias, int64_t ii, c10::string_view reduction, double ls,
-                                      double z, OptDouble cap, int64_t chunk, std::array<bool, 3> mask) {
+                                      double z, OptDouble cap, int64_t chunk, int64_t mask) {
   auto out = LinearCrossEntropyFunction::apply(hidden, weight, target, bias, ii, reduction, ls, z, cap, chunk, mask);
   return {out[0], out[1], out[2], out[3], out[4]};
 }

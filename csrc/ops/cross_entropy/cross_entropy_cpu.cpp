@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(const LinearGrads& g
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target, const OptTensor& bias,
     int64_t ignore_index, c10::string_view reduction, double label_smoothing, double z_loss,
-    std::optional<double> softcap, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+    std::optional<double> softcap, int64_t chunk_size, int64_t grad_mask) {
   constexpr const char* op = "linear_cross_entropy";
   const bool sums = ce_reduction_sums(std::string(reduction), op);
   LinearCE c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   const bool mean = reduction == "mean";
   at::Tensor scale = at::empty({1}, acc).fill_(mean ? 1.0 / static_cast<double>(count) : 1.0);
   LinearGrads g;
-  if (sums) g = alloc_grads(c, grad_mask);
+  if (sums) g = alloc_grads(c, grad_mask_bits(grad_mask, op));
   run_chunks(c, chunk_size, /*fwd=*/true, &loss, &lse, &scale, /*grad_stride=*/0, sums ? &g : nullptr);
   at::Tensor out_loss = sums ? (mean ? loss.sum().div(static_cast<double>(count)) : loss.sum()) : loss.reshape(target.sizes());
   auto [dh, dw, db] = finish_grads(g, hidden, weight, bias);
@@ -215,14 +215,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
     const OptTensor& bias, const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
-    std::optional<double> softcap, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+    std::optional<double> softcap, int64_t chunk_size, int64_t grad_mask) {
   constexpr const char* op = "linear_cross_entropy_backward";
   LinearCE c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
                              chunk_size, op);
   check_rows_arg(grad_loss, hidden, op, "grad_loss", "hidden");
   check_rows_arg(lse, hidden, op, "lse", "hidden");
   at::Tensor l = lse.reshape({-1}).contiguous(), gl = grad_loss.reshape({-1}).contiguous();
-  LinearGrads g = alloc_grads(c, grad_mask);
+  LinearGrads g = alloc_grads(c, grad_mask_bits(grad_mask, op));
   run_chunks(c, chunk_size, /*fwd=*/false, nullptr, &l, &gl, /*grad_stride=*/1, &g);
   return finish_grads(g, hidden, weight, bias);
 }
