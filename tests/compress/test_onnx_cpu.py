@@ -59,7 +59,7 @@ def _saturating_model(tmp_path):
     src = str(tmp_path / "sat.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter: quick, and enough here
-            torch.onnx.export(model, (x,), src, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+        torch.onnx.export(model, (x,), src, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
     return model, x, src
 
 
