@@ -5,15 +5,17 @@ and the `unavailable` rule of the native implementations.
 It sits at the top of the package, beside _ext.py and _registry.py, not in torchfast/ops/ (importing
 anything under torchfast.ops imports every op module, and the op modules import torchfast.triton's
 modules when Triton runs: the cycle this placement ends) nor in torchfast/reference/ (it registers
-kernels; it is not a reference). It imports nothing of torchfast but _ext."""
+kernels; it is not a reference). It imports nothing of torchfast but _ext and _registry."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable
 
 import torch
 
-from torchfast import _ext
+from torchfast import _ext, _registry
 
 # Kept alive for the life of the process: dropping a Library object unregisters what it registered.
 _LIBS: list[torch.library.Library] = []
@@ -36,6 +38,26 @@ def define_fallback(schemas: dict[str, str], kernels: dict[str, Callable]) -> No
         lib.define(name + schema)
         for key in ("CPU", "CUDA"):
             lib.impl(name, kernels[name], key)
+
+
+def register_fake(qualname: str, fn: Callable | None = None):
+    """torch.library.register_fake, with every tensor argument checked to be on one device first (see
+    _registry.check_same_device: the fake kernel is also the Meta kernel, which a call mixing meta and
+    CPU tensors reaches instead of the C++ kernels and their checks). Use as a decorator or directly."""
+    op = qualname.split("::")[-1]
+
+    def wrap(fake: Callable) -> Callable:
+        names = list(inspect.signature(fake).parameters)
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            _registry.check_same_device(op, [*zip(names, args), *kwargs.items()])
+            return fake(*args, **kwargs)
+
+        torch.library.register_fake(qualname, checked)
+        return fake
+
+    return wrap if fn is None else wrap(fn)
 
 
 def register_autograd_fallback(qualname: str, backward: Callable, setup_context: Callable) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -106,8 +106,28 @@ def use_impl(name: str) -> Iterator[None]:
         _IMPL_STACK.pop()
 
 
-def select(spec: OpSpec, tensors: Sequence[torch.Tensor], impl: str | None) -> Impl:
-    """The implementation to run `spec` on `tensors` (see module docstring for the rules)."""
+def check_same_device(op: str, named: Iterable[tuple[str, object]]) -> None:
+    """Raise unless every tensor among the (argument name, value) pairs is on one device (type and
+    index); None and non-tensors are skipped. The words are those of the C++ check_same_device
+    (csrc/include/torchfast/checks.h), so every implementation refuses a mix alike. Called by `select`
+    (every public call, whatever the implementation) and by the fake kernels, which also serve as the
+    ops' Meta kernels: a call mixing meta and CPU tensors dispatches to Meta and would otherwise return
+    an empty CPU tensor built from the first argument."""
+    first: tuple[str, torch.device] | None = None
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise RuntimeError(f"torchfast.{op}: '{first[0]}' is on {first[1]} but '{name}' is on {t.device}; "
+                               "they must be on the same device")
+
+
+def select(spec: OpSpec, tensors: Sequence[torch.Tensor], impl: str | None,
+           others: Sequence[tuple[str, torch.Tensor]] = ()) -> Impl:
+    """The implementation to run `spec` on `tensors` (see module docstring for the rules). `others` are
+    (name, tensor) pairs of non-float tensor arguments (class targets): checked for device only."""
     name = impl if impl is not None else (_IMPL_STACK[-1] if _IMPL_STACK else "auto")
     _check_impl_name(name)
     for arg, t in zip(spec.arg_names, tensors):
@@ -123,6 +143,7 @@ def select(spec: OpSpec, tensors: Sequence[torch.Tensor], impl: str | None) -> I
                 f"torchfast.{spec.name}: argument '{arg}' has dtype {t.dtype}; "
                 "supported dtypes are float32, float64, bfloat16 and float16"
             )
+    check_same_device(spec.name, [*zip(spec.arg_names, tensors), *others])
     candidates = [i for i in spec.impls if (i.name == name if name != "auto" else i.auto)]
     refused = []
     for candidate in candidates:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from torchfast._util import num_threads
 from torchfast.compress._common import fail, state_dict_bytes
+from torchfast.compress._onnx import INT8_MAX_REL_ERROR, int8_settings, rel_l2_error
 
 
 @dataclass
@@ -21,7 +23,8 @@ class Comparison:
     """What `compare` returns. Sizes in bytes (a module's torch.save(state_dict()), an ONNX file's
     size), latencies in ms (median of interleaved repeats in one run), errors over every output element.
     top1_agreement: fraction of rows whose argmax matches (None unless outputs are (batch, classes>1));
-    accuracy_*: fraction of rows whose argmax equals the labels (None without labels)."""
+    accuracy_*: fraction of rows whose argmax equals the labels (None without labels); rel_error:
+    ||compressed - original|| / ||original|| (relative L2 over every output element)."""
 
     original_bytes: int
     compressed_bytes: int
@@ -33,6 +36,7 @@ class Comparison:
     accuracy_compressed: float | None = None
     threads: int = 1
     repeats: int = 0
+    rel_error: float | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -56,7 +60,8 @@ class Comparison:
                 ("accuracy", pct(self.accuracy_original), pct(self.accuracy_compressed), "")]
         w = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
-        lines.append(f"max abs error {self.max_abs_error:.3g}, top-1 agreement {pct(self.top1_agreement)} "
+        rel = "" if self.rel_error is None else f" (relative {self.rel_error:.2%})"
+        lines.append(f"max abs error {self.max_abs_error:.3g}{rel}, top-1 agreement {pct(self.top1_agreement)} "
                      f"(latency: median of {self.repeats}, interleaved, {self.threads} thread(s))")
         return "\n".join(lines)
 
@@ -121,8 +126,11 @@ def compare(original, compressed, data, *, repeats: int = 20, warmup: int = 3, t
         clock: "wall" (time.perf_counter) or "process" (time.process_time: CPU time of this process,
             which other processes on a busy machine do not inflate; meaningful with threads=1).
 
-    Returns a Comparison (print it for the table; .to_dict()). max_abs_error and top-1 agreement
-    compare the first output of each model on `data`. Raises TypeError/ValueError for bad arguments.
+    Returns a Comparison (print it for the table; .to_dict()). max_abs_error, rel_error and top-1
+    agreement compare the first output of each model on `data`. When `compressed` is an int8 ONNX file
+    and rel_error is beyond what int8 should give (INT8_MAX_REL_ERROR, 5%: the bound quantize_onnx
+    checks), a RuntimeWarning says so and names the usual causes (onnxruntime's u8s8 kernels saturating
+    on an x86 CPU without VNNI; inputs beyond a static model's calibration range). Raises TypeError/ValueError for bad arguments.
     """
     labels = None
     if isinstance(data, (tuple, list)):
@@ -159,8 +167,31 @@ def compare(original, compressed, data, *, repeats: int = 20, warmup: int = 3, t
     if classes and labels is not None:
         y = labels.detach().cpu().numpy()
         acc_a, acc_b = float((out_a.argmax(1) == y).mean()), float((out_b.argmax(1) == y).mean())
+    rel = rel_l2_error(out_a, out_b)
+    if _is_onnx_path(compressed) and rel > INT8_MAX_REL_ERROR and _is_int8_onnx(os.fspath(compressed)):
+        reduce_range, why = int8_settings()
+        warnings.warn(f"torchfast.compress.compare: the int8 ONNX model {os.fspath(compressed)} is {rel:.1%} off "
+                      f"(relative L2), beyond the {INT8_MAX_REL_ERROR:.0%} int8 should give. Causes: on an x86 CPU "
+                      "without VNNI, onnxruntime's u8s8 kernels saturate unless weights are 7-bit (quantize_onnx "
+                      f"picks reduce_range={reduce_range} on this CPU: {why}); for a static model, inputs outside "
+                      "the calibration data's range are clipped", RuntimeWarning, stacklevel=2)
     return Comparison(
         original_bytes=size_a, compressed_bytes=size_b,
         original_ms=statistics.median(times[0]) * 1e3, compressed_ms=statistics.median(times[1]) * 1e3,
         max_abs_error=float(np.abs(out_a - out_b).max(initial=0.0)), top1_agreement=top1,
-        accuracy_original=acc_a, accuracy_compressed=acc_b, threads=threads, repeats=repeats)
+        accuracy_original=acc_a, accuracy_compressed=acc_b, threads=threads, repeats=repeats, rel_error=rel)
+
+
+_INT8_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QLinearMatMul",
+             "QLinearConv", "QuantizeLinear", "MatMulIntegerToFloat"}
+
+
+def _is_int8_onnx(path: str) -> bool:
+    """Whether the ONNX file holds quantized (integer) matmul / quantize ops."""
+    import onnx
+
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:
+        return False
+    return any(node.op_type in _INT8_OPS for node in graph.node)

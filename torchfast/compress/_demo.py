@@ -44,16 +44,17 @@ def demo_stage(model: nn.Module, data: torch.Tensor, *, repeats: int = DEMO_REPE
 
     Rows: 50% ln_structured pruning + shrink (PyTorch), then `distill` to win back accuracy, torchao
     int8_dynamic (PyTorch), and the ONNX export quantized with onnxruntime (dynamic int8) against the
-    float ONNX export; each against its float original on `data` (a batch of inputs), timed interleaved
+    float ONNX export (settings chosen for this CPU and checked by quantize_onnx); each against its float original on `data` (a batch of inputs), timed interleaved
     in one run (1 thread, median of `repeats`). `model` runs in eval mode and gets its modes back; it is
     not otherwise modified. Raises what the compression functions raise."""
     with eval_mode(model):
         rows = _rows(model, data, repeats)
-    lines = [f"           {'':<26}{'size':>8}{'speed':>9}{'max err':>10}",
-             *(f"           {name:<26}{r.size_ratio:>7.2f}x{r.speedup:>8.2f}x{r.max_abs_error:>10.2g}  ({note})"
-               for name, r, note in rows)]
+    lines = [f"           {'':<26}{'size':>8}{'speed':>9}{'max err':>10}{'rel err':>9}",
+             *(f"           {name:<26}{r.size_ratio:>7.2f}x{r.speedup:>8.2f}x{r.max_abs_error:>10.2g}"
+               f"{r.rel_error:>9.2%}  ({note})" for name, r, note in rows)]
     return [f"  compress batch {data.shape[0]}, ratios against the float model, 1 thread, median of {repeats}; "
-            f"max err = largest output change (the pruned model distilled from the float one for {DISTILL_STEPS} steps)", *lines]
+            f"max err = largest output change, rel err = ||change|| / ||output|| (the pruned model distilled "
+            f"from the float one for {DISTILL_STEPS} steps)", *lines]
 
 
 def _rows(model: nn.Module, data: torch.Tensor, repeats: int) -> list:
@@ -69,7 +70,7 @@ def _rows(model: nn.Module, data: torch.Tensor, repeats: int) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         export.onnx(model, (data[:8],), fp32)
-        quantize_onnx(fp32, int8, mode="dynamic", calibration_data=data)
+        q = quantize_onnx(fp32, int8, mode="dynamic", calibration_data=data)  # raises beyond its bound
         rows.append(("onnx int8 (onnxruntime)", compare(fp32, int8, data, repeats=repeats, threads=1),
-                     "vs float ONNX"))
+                     f"vs float ONNX; reduce_range={q.reduce_range}: {q.settings}"))
     return rows

@@ -76,7 +76,7 @@ def _check_bias_shape(x, bias, op):
     )
 
 
-@torch.library.register_fake("torchfast::bias_act")
+@_library.register_fake("torchfast::bias_act")
 def _bias_act_fake(x, bias, *, act):
     check_act(act, "bias_act")
     if bias is None:
@@ -85,7 +85,7 @@ def _bias_act_fake(x, bias, *, act):
     return x.new_empty(x.shape)  # contiguous
 
 
-@torch.library.register_fake("torchfast::bias_act_backward")
+@_library.register_fake("torchfast::bias_act_backward")
 def _bias_act_backward_fake(grad_out, x, bias, *, act):
     check_act(act, "bias_act_backward")
     torch._check(

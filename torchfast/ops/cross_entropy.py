@@ -132,19 +132,19 @@ def _rows_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(t.shape, dtype=acc_dtype(x.dtype))
 
 
-@torch.library.register_fake("torchfast::cross_entropy")
+@_library.register_fake("torchfast::cross_entropy")
 def _cross_entropy_fake(logits, target, *, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None):
     _check_logits("cross_entropy", logits, target)
     return _rows_like(target, logits), _rows_like(target, logits)
 
 
-@torch.library.register_fake("torchfast::cross_entropy_backward")
+@_library.register_fake("torchfast::cross_entropy_backward")
 def _cross_entropy_backward_fake(grad_loss, logits, target, lse, **_opts):
     _check_logits("cross_entropy_backward", logits, target)
     return logits.new_empty(logits.shape)
 
 
-@torch.library.register_fake("torchfast::linear_cross_entropy")
+@_library.register_fake("torchfast::linear_cross_entropy")
 def _linear_fake(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                  z_loss=0.0, softcap=None, chunk_size=4096, grad_mask=0):
     _check_linear("linear_cross_entropy", hidden, weight, target, bias)
@@ -160,7 +160,7 @@ def _linear_fake(hidden, weight, target, bias=None, *, ignore_index=-100, reduct
     return (loss, _rows_like(target, hidden), *grads)
 
 
-@torch.library.register_fake("torchfast::linear_cross_entropy_backward")
+@_library.register_fake("torchfast::linear_cross_entropy_backward")
 def _linear_backward_fake(grad_loss, hidden, weight, target, bias, lse, *, chunk_size=4096, grad_mask=7, **_opts):
     _check_linear("linear_cross_entropy_backward", hidden, weight, target, bias)
     grad_mask = mask_bits(grad_mask)
@@ -508,7 +508,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
     with F.cross_entropy (2-D logits, or [..., V] flattened) the result is F.cross_entropy's. Backward
     saves the logits and one float per row: no log-softmax is kept.
     """
-    fn = select(SPEC, (logits,), impl).fn
+    fn = select(SPEC, (logits,), impl, others=[("target", target)]).fn
     _check_options("cross_entropy", reduction, label_smoothing, z_loss, softcap)
     _check_logits("cross_entropy", logits, target)
     return fn(logits, target, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
@@ -533,7 +533,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     Returns the loss in hidden's dtype (the dtype F.linear's logits would have).
     """
     tensors = (hidden, weight, hidden if bias is None else bias)
-    fn = select(LINEAR_SPEC, tensors, impl).fn
+    fn = select(LINEAR_SPEC, tensors, impl, others=[("target", target)]).fn
     _check_options("linear_cross_entropy", reduction, label_smoothing, z_loss, softcap)
     _check_linear("linear_cross_entropy", hidden, weight, target, bias)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):

@@ -187,8 +187,8 @@ def _register_fakes(op, packed):
             )
             return x.new_empty(x.shape)
 
-    torch.library.register_fake(f"torchfast::{op}", fwd)
-    torch.library.register_fake(f"torchfast::{op}_backward", bwd)
+    _library.register_fake(f"torchfast::{op}", fwd)
+    _library.register_fake(f"torchfast::{op}_backward", bwd)
 
 
 # -- autograd ---------------------------------------------------------------------------------------------

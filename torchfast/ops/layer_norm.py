@@ -40,13 +40,13 @@ _library.define_fallback(
 )
 
 
-@torch.library.register_fake("torchfast::layer_norm")
+@_library.register_fake("torchfast::layer_norm")
 def _layer_norm_fake(x, weight, bias, eps):
     _norm.check_args("layer_norm", x, eps, {"weight": weight, "bias": bias})
     return _norm.rows_contiguous(x), _norm.empty_stats(x), _norm.empty_stats(x)
 
 
-@torch.library.register_fake("torchfast::layer_norm_backward")
+@_library.register_fake("torchfast::layer_norm_backward")
 def _layer_norm_backward_fake(grad_out, x, weight, bias, mean, rstd):
     torch._check(grad_out.shape == x.shape, lambda: "torchfast.layer_norm_backward: 'grad_out' has shape "
                  f"{tuple(grad_out.shape)} but 'x' has shape {tuple(x.shape)}; they must match")

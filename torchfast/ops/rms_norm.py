@@ -60,20 +60,20 @@ _library.define_fallback(
 
 # ---- fake kernels: outputs are contiguous rows (csrc/include/torchfast/norm.h) ----------------------
 
-@torch.library.register_fake("torchfast::rms_norm")
+@_library.register_fake("torchfast::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     _norm.check_args("rms_norm", x, eps, {"weight": weight})
     return _norm.rows_contiguous(x), _norm.empty_stats(x)
 
 
-@torch.library.register_fake("torchfast::rms_norm_backward")
+@_library.register_fake("torchfast::rms_norm_backward")
 def _rms_norm_backward_fake(grad_out, x, weight, rstd):
     torch._check(grad_out.shape == x.shape, lambda: "torchfast.rms_norm_backward: 'grad_out' has shape "
                  f"{tuple(grad_out.shape)} but 'x' has shape {tuple(x.shape)}; they must match")
     return _norm.rows_contiguous(x), None if weight is None else torch.empty_like(weight)
 
 
-@torch.library.register_fake("torchfast::add_rms_norm")
+@_library.register_fake("torchfast::add_rms_norm")
 def _add_rms_norm_fake(x, residual, weight, eps):
     _norm.check_args("add_rms_norm", x, eps, {"weight": weight})
     torch._check(residual.shape == x.shape, lambda: "torchfast.add_rms_norm: 'residual' has shape "
@@ -81,7 +81,7 @@ def _add_rms_norm_fake(x, residual, weight, eps):
     return _norm.rows_contiguous(x), _norm.rows_contiguous(x), _norm.empty_stats(x)
 
 
-@torch.library.register_fake("torchfast::add_rms_norm_backward")
+@_library.register_fake("torchfast::add_rms_norm_backward")
 def _add_rms_norm_backward_fake(grad_out, grad_h, h, weight, rstd):
     torch._check(grad_out.shape == h.shape, lambda: "torchfast.add_rms_norm_backward: 'grad_out' has shape "
                  f"{tuple(grad_out.shape)} but 'h' has shape {tuple(h.shape)}; they must match")

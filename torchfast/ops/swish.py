@@ -40,12 +40,12 @@ _library.define_fallback(
 
 # The kernels return torch.empty_like(x) (csrc/include/torchfast/checks.h, laid_out_like), so the
 # fake kernels are exactly that: same shape, dtype, device and strides, symbolic shapes included.
-@torch.library.register_fake("torchfast::swish")
+@_library.register_fake("torchfast::swish")
 def _swish_fake(x):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("torchfast::swish_backward")
+@_library.register_fake("torchfast::swish_backward")
 def _swish_backward_fake(grad_out, x):
     torch._check(
         grad_out.shape == x.shape,
