@@ -12,7 +12,9 @@
 #include <torch/library.h>
 
 #include <torchfast/cpu_isa.h>
+#include <torchfast/cpu_matmul.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -150,6 +152,13 @@ void set_isa_override(const std::string& name) {
   g_override = static_cast<int>(want);
 }
 
+namespace {
+std::atomic<bool> g_onednn_matmul{false};
+}  // namespace
+
+void set_onednn_matmul(bool on) { g_onednn_matmul = on; }
+bool onednn_matmul() { return g_onednn_matmul; }
+
 }  // namespace torchfast::cpu
 
 // ---- torchfast._C: a plain C-API module (no pybind11) keeps this file quick to compile. ----
@@ -182,6 +191,15 @@ PyObject* py_set_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_set_onednn_matmul(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  torchfast::cpu::set_onednn_matmul(on != 0);
+  Py_RETURN_NONE;
+}
+
+PyObject* py_onednn_matmul(PyObject*, PyObject*) { return PyBool_FromLong(torchfast::cpu::onednn_matmul()); }
+
 PyObject* py_cuda_arch_list(PyObject*, PyObject*) {
 #ifdef TORCHFAST_CUDA_ARCHS
   return PyUnicode_FromString(TORCHFAST_CUDA_ARCHS);
@@ -197,6 +215,9 @@ PyMethodDef methods[] = {
     {"_set_cpu_isa", py_set_isa, METH_O,
      "Force a runnable CPU ISA variant ('DEFAULT', 'AVX2', 'AVX512', 'AVX512_BF16'); '' restores ATen's "
      "choice."},
+    {"_set_onednn_matmul", py_set_onednn_matmul, METH_O,
+     "Route torchfast's own float32 CPU GEMMs issued from C++ through oneDNN (True) or ATen's BLAS."},
+    {"_onednn_matmul", py_onednn_matmul, METH_NOARGS, "Whether torchfast's C++ float32 CPU GEMMs use oneDNN."},
     {"_cuda_arch_list", py_cuda_arch_list, METH_NOARGS,
      "The TORCH_CUDA_ARCH_LIST the CUDA kernels were built for, or None without CUDA kernels."},
     {nullptr, nullptr, 0, nullptr}};

@@ -229,6 +229,37 @@ def test_chunk_size_changes_nothing_but_memory():
             assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not torchfast._ext.built(), reason="the C++ chunk loop is in torchfast._C")
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
+def test_float32_chunk_gemms_on_either_library(onednn):
+    """The float32 chunk GEMMs go through oneDNN (mkldnn::_linear_pointwise) exactly when the process-wide
+    choice says so, and both libraries give the float64 result. 256 x 256 x 300 is above the size where
+    oneDNN is used at all (2^24 multiply-adds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from torchfast._ext import _C
+
+    before = _C._onednn_matmul()
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(256, 256, generator=g, requires_grad=True)
+    w = (torch.randn(300, 256, generator=g) * 0.1).requires_grad_()
+    b = torch.randn(300, generator=g, requires_grad=True)
+    t = torch.randint(0, 300, (256,), generator=g)
+    try:
+        _C._set_onednn_matmul(onednn)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = torchfast.linear_cross_entropy(h, w, t, b, chunk_size=256)
+        grads = torch.autograd.grad(y, (h, w, b))
+    finally:
+        _C._set_onednn_matmul(before)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert calls == (2 if onednn else 0)  # the logits GEMM and the grad_hidden GEMM of the one chunk
+    ref = [x.detach().double().requires_grad_() for x in (h, w, b)]
+    y_ref = F.cross_entropy(F.linear(*ref), t)
+    for got, want, what in zip((y, *grads), (y_ref, *torch.autograd.grad(y_ref, ref)), ("loss", "hidden", "weight", "bias")):
+        assert_close(got.double(), want, rtol=1e-5, atol=1e-6, what=what)
+
+
 def test_tied_weight_hidden_without_grad_and_no_grad_mode():
     emb = torch.nn.Embedding(100, 16)
     tokens = torch.randint(0, 100, (12,))

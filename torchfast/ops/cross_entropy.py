@@ -55,15 +55,21 @@ LINEAR_SCHEMAS = {
     "-> (Tensor, Tensor, Tensor)",
 }
 
-# The logits buffer of one chunk of linear_cross_entropy: about this many bytes by default. Large
-# enough that each chunk's GEMMs run at full speed (at V = 32000, 512 rows in float32), small next to
-# the [tokens, V] tensors it replaces.
-CHUNK_BYTES = 64 << 20
+# The logits buffer of one chunk of linear_cross_entropy: about CHUNK_BYTES, and at least CHUNK_MIN_ROWS
+# rows. The buffer is what the op adds to the memory a step must hold anyway (grad_weight, grad_hidden),
+# so it is kept small: at V = 32000 it is 16 MiB (float32) or 8 MiB (bfloat16) next to the 250 / 125 MiB
+# of grad_weight. Fewer rows would slow the GEMMs: at 4096 x 2048 x 32000 on one AVX-512 core, 128-row
+# chunks ran as fast as 512-row ones with the float32 GEMMs on oneDNN, and 64-row chunks 15% slower
+# (MKL); bfloat16 the same within noise. `bench_cross_entropy.py --part linear --chunk-size N` compares.
+CHUNK_BYTES = 8 << 20
+CHUNK_MIN_ROWS = 128
 
 
 def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk: a [chunk, vocab] buffer of about CHUNK_BYTES, between 1 and `rows`."""
-    return max(1, min(max(rows, 1), CHUNK_BYTES // max(1, vocab * dtype.itemsize)))
+    """Rows per chunk: a [chunk, vocab] buffer of about CHUNK_BYTES but at least CHUNK_MIN_ROWS rows,
+    between 1 and `rows`."""
+    per_row = max(1, vocab * dtype.itemsize)
+    return max(1, min(max(rows, 1), max(CHUNK_MIN_ROWS, CHUNK_BYTES // per_row)))
 
 
 # ---- kernels of the build without _C ---------------------------------------------------------------
@@ -521,7 +527,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
                          chunk_size: int | None = None, impl: str | None = None) -> torch.Tensor:
     """`cross_entropy(F.linear(hidden, weight, bias), target, ...)` without ever building the full logits.
 
-    Tokens are processed `chunk_size` at a time (default: a [chunk, V] logits buffer of about 64 MiB);
+    Tokens are processed `chunk_size` at a time (default: a [chunk, V] logits buffer of about 8 MiB, at least 128 rows);
     with reduction "mean"/"sum" the gradients of hidden, weight and bias are computed during the forward
     and scaled in backward (three GEMMs, as unfused code). Works with a tied weight (an embedding matrix),
     with hidden that does not require grad, and under autocast (hidden, weight and bias are cast to the

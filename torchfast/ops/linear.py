@@ -87,6 +87,18 @@ def _backend_or_blas() -> str:
 _BACKEND_FOR_COMPILE = _backend_or_blas()
 
 
+def _push_backend_to_kernels() -> None:
+    """The C++ kernels that issue float32 GEMMs themselves (linear_cross_entropy's chunks) follow the same
+    choice, taken once here: they also run inside compiled graphs, where the environment is not re-read."""
+    from torchfast._ext import _C
+
+    if _C is not None:
+        _C._set_onednn_matmul(_BACKEND_FOR_COMPILE == "onednn")
+
+
+_push_backend_to_kernels()
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

@@ -6,10 +6,15 @@
 // forward (they depend only on the chunk's rows and the reduction's scale): the row kernel turns the
 // buffer into d loss / d logits in place, and three GEMMs (ATen's: MKL or oneDNN) follow:
 //   grad_hidden[chunk] = dlogits @ weight,  grad_weight += dlogits^T @ hidden[chunk],  grad_bias += sum(dlogits)
-// so a training step costs the three GEMMs of the unfused F.linear + F.cross_entropy, not four.
+// so a training step costs the three GEMMs of the unfused F.linear + F.cross_entropy, not four. In float32
+// the logits and grad_hidden GEMMs go through oneDNN where torchfast.ops.linear found it the faster
+// library (cpu::onednn_matmul(): AMD CPUs by default, TORCHFAST_CPU_MATMUL), the weight-gradient GEMM
+// through ATen's addmm_ (it accumulates in place; oneDNN was not faster for it).
 // grad_weight accumulates in weight's dtype with beta = 1 (the GEMM adds in fp32 inside and rounds once
 // per chunk); grad_bias accumulates in fp32.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -25,6 +30,7 @@
 #include <tuple>
 
 #include <torchfast/cpu_alloc.h>
+#include <torchfast/cpu_matmul.h>
 #include <torchfast/rows.h>
 
 #include "cross_entropy.h"
@@ -130,6 +136,34 @@ LinearGrads alloc_grads(const LinearCE& c, const std::array<bool, 3>& mask) {
   return g;
 }
 
+// mkldnn::_linear_pointwise, the oneDNN GEMM that torchfast.linear and inductor's CPU backend use; looked
+// up once (nullptr in a torch built without oneDNN).
+const c10::OperatorHandle* onednn_linear_op() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op.has_value() ? &*op : nullptr;
+}
+
+// Below about 2^24 multiply-adds oneDNN's per-call cost outweighs its faster kernel (torchfast/ops/linear.py).
+bool use_onednn(const at::Tensor& x, int64_t m, int64_t k, int64_t n) {
+  return x.scalar_type() == at::kFloat && cpu::onednn_matmul() && m * k * n >= (int64_t{1} << 24) &&
+         onednn_linear_op() != nullptr;
+}
+
+// x @ w^T (+ b) through oneDNN, into a new tensor (the op has no out= form); w may be a transposed view.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const OptTensor& b) {
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(w);
+  stack.emplace_back(b.has_value() ? c10::IValue(*b) : c10::IValue());
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  onednn_linear_op()->callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 // One pass over the chunks. Each chunk's logits go into `buf`; with `fwd`, the row kernel writes loss and
 // lse; with gradients wanted, `grad` (per row, stride grad_stride) scales d loss / d logits, written over
 // the logits in place, and the three gradient GEMMs accumulate.
@@ -138,16 +172,26 @@ void run_chunks(const LinearCE& c, int64_t chunk, bool fwd, at::Tensor* loss, at
   const bool want_grad = g != nullptr && (g->dh.defined() || g->dw.defined() || g->db_acc.defined());
   if (c.rows == 0 || (!fwd && !want_grad)) return;
   chunk = std::min(chunk, c.rows);
-  at::Tensor buf = hinted(at::empty({chunk, c.vocab}, c.h.options()));
+  const int64_t hidden = c.h.size(1);
+  // oneDNN writes each chunk's logits into a new tensor (freed before the next chunk's); ATen's GEMM
+  // writes into one reused buffer.
+  const bool onednn_logits = use_onednn(c.h, chunk, hidden, c.vocab);
+  const bool onednn_dh = use_onednn(c.h, chunk, c.vocab, hidden);
+  at::Tensor buf = onednn_logits ? at::Tensor() : hinted(at::empty({chunk, c.vocab}, c.h.options()));
   const at::Tensor wt = c.w.t();
   for (int64_t start = 0; start < c.rows; start += chunk) {
     const int64_t m = std::min(chunk, c.rows - start);
     at::Tensor hc = c.h.narrow(0, start, m);
-    at::Tensor logits = buf.narrow(0, 0, m);
-    if (c.b.has_value()) {
-      at::addmm_out(logits, *c.b, hc, wt);
+    at::Tensor logits;
+    if (onednn_logits) {
+      logits = onednn_linear(hc, c.w, c.b);
     } else {
-      at::mm_out(logits, hc, wt);
+      logits = buf.narrow(0, 0, m);
+      if (c.b.has_value()) {
+        at::addmm_out(logits, *c.b, hc, wt);
+      } else {
+        at::mm_out(logits, hc, wt);
+      }
     }
     const int64_t* tp = c.t.const_data_ptr<int64_t>() + start;
     const auto dtype = c.h.scalar_type();
@@ -164,7 +208,11 @@ void run_chunks(const LinearCE& c, int64_t chunk, bool fwd, at::Tensor* loss, at
                                    grad_stride, m, c.vocab, c.o, logits.mutable_data_ptr(), c.vocab);
     if (g->dh.defined()) {
       at::Tensor dh = g->dh.narrow(0, start, m);
-      at::mm_out(dh, logits, c.w);
+      if (onednn_dh) {
+        dh.copy_(onednn_linear(logits, wt, std::nullopt));
+      } else {
+        at::mm_out(dh, logits, c.w);
+      }
     }
     if (g->dw.defined()) {
       if (start == 0) {
