@@ -91,24 +91,7 @@ def config(args) -> H.Config:
     )
 
 
-_COMPILED: dict = {}
-
-
-def compiled(fn: Callable) -> Callable:
-    """One torch.compile wrapper per composite for the process (dynamo caches a static graph per shape,
-    dtype and requires_grad under it), with room for every case's recompilation."""
-    if fn not in _COMPILED:
-        cfg = torch._dynamo.config
-        for name in (
-            "recompile_limit",
-            "cache_size_limit",
-            "accumulated_recompile_limit",
-            "accumulated_cache_size_limit",
-        ):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 1024))
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
+compiled = H.compiled  # one torch.compile wrapper per composite (harness.py)
 
 
 def times_table(

@@ -68,32 +68,17 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUICK = {"tokens": 64, "hidden": 64, "vocabs": [1000]}
 
 
-def _compiled(fn):
-    """torch.compile(fn, dynamic=False) with room for one graph per case."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 1024))
-    return torch.compile(fn, dynamic=False)
-
-
 def _linear_ce(hidden, weight, target):
     return F.cross_entropy(F.linear(hidden, weight), target)
 
 
-_COMPILED = {}
-
-
 def loss_fns(part: str, chunk_size: int | None = None) -> dict:
-    """{variant: loss function} of a part; the compiled wrapper is made once per process. `chunk_size`:
-    linear_cross_entropy's (None: its default)."""
-    if part not in _COMPILED:
-        _COMPILED[part] = _compiled(F.cross_entropy if part == "ce" else _linear_ce)
+    """{variant: loss function} of a part (the compiled wrapper is one per process, harness.compiled).
+    `chunk_size`: linear_cross_entropy's (None: its default)."""
     if part == "ce":
-        return {"torchfast": torchfast.cross_entropy, "eager": F.cross_entropy, "compiled": _COMPILED[part]}
+        return {"torchfast": torchfast.cross_entropy, "eager": F.cross_entropy, "compiled": H.compiled(F.cross_entropy)}
     return {"torchfast": functools.partial(torchfast.linear_cross_entropy, chunk_size=chunk_size), "eager": _linear_ce,
-            "compiled": _COMPILED[part]}
+            "compiled": H.compiled(_linear_ce)}
 
 
 # Inputs are drawn directly in their dtype: a float32 temporary converted to bfloat16 would raise the

@@ -218,6 +218,23 @@ class CaseResult:
 # -- timing -------------------------------------------------------------------------------------------
 
 
+_COMPILED: dict = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn, dynamic=False), one wrapper per function for the process (dynamo caches a static
+    graph per shape, dtype and requires_grad under it), with the recompile limits raised so that a full
+    run's cases all compile instead of falling back to eager."""
+    if fn not in _COMPILED:
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 1024))
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
 def set_threads(n: int | None) -> int:
     """Fix torch's intra-op thread count (None keeps the current one) and return it."""
     if n is not None:

@@ -236,13 +236,5 @@ def main(bench: NormBench, argv=None) -> int:
     return 0
 
 
-def compiled(fn):
-    """torch.compile(fn, dynamic=False): one static graph per shape/dtype/requires_grad, under a
-    raised recompile limit (a full run compiles one graph per case)."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 1024))
-    return torch.compile(fn, dynamic=False)
+compiled = H.compiled  # torch.compile(fn, dynamic=False) under raised recompile limits (harness.py)
 

@@ -76,17 +76,11 @@ def register_autocast_same_dtype(qualname: str) -> None:
     not casting them down. This matches torch's policy for activations such as F.silu. Without a
     rule, autocast would fall through to the same result; registering it makes the policy explicit and
     keeps autocast from being re-applied below this op."""
-    ns, name = qualname.split("::")
-    op = getattr(getattr(torch.ops, ns), name)
-    lib = _lib("IMPL")
-    for key in ("AutocastCPU", "AutocastCUDA"):
-        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    register_autocast_casting(qualname, _as_they_are)
 
-        def kernel(_keyset, *args, _excluded=excluded, **kwargs):
-            with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return op(*args, **kwargs)
 
-        lib.impl(name, kernel, key, with_keyset=True)
+def _as_they_are(*args, **kwargs):
+    return args, kwargs
 
 
 def native_unavailable(qualname: str) -> Callable[[str, bool], str | None]:
