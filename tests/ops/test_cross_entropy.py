@@ -347,3 +347,15 @@ def test_opcheck_linear_cross_entropy_with_gradients_in_the_forward():
     assert outs[3].numel() == 0  # not asked for
     assert_close(outs[2], ref[0], rtol=1e-5, atol=1e-6, what="grad_hidden")
     assert_close(outs[4], ref[1], rtol=1e-5, atol=1e-6, what="grad_bias")
+
+
+def test_default_chunk_size_bounds_the_logits_buffer():
+    """The CPU default: a [chunk, V] buffer of about 8 MiB but never under 128 rows (the GEMMs slow
+    down below that), and never more rows than there are tokens."""
+    from torchfast.ops.cross_entropy import CHUNK_BYTES, CHUNK_MIN_ROWS, default_chunk_size
+
+    assert default_chunk_size(4096, 32000, torch.float32) == CHUNK_MIN_ROWS == 128  # 16 MiB, not 65 rows
+    assert default_chunk_size(4096, 128256, torch.bfloat16) == 128
+    assert default_chunk_size(100_000, 4000, torch.float32) == CHUNK_BYTES // (4000 * 4)  # 524 rows, 8 MiB
+    assert default_chunk_size(10, 4000, torch.float32) == 10
+    assert default_chunk_size(0, 4000, torch.float32) == 1
