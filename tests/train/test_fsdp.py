@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.train.test_distributed import ROOT, explain, torchrun
 
@@ -102,3 +103,91 @@ def test_two_processes_match_one_process_compiled(tmp_path_factory):
     r = _launch(tmp_path_factory, ["compile"], timeout=600)["compile"]
     _check_parity("compile", r)
     assert r["graph_breaks"] == {} and r["frames"] == 3, r
+
+
+# ---- one process --------------------------------------------------------------------------------
+
+def _module_cases():
+    import torchfast.nn as tnn
+
+    x3 = lambda *s: torch.randn(2, 3, *s, requires_grad=True)  # noqa: E731
+    return {
+        "Linear": (tnn.Linear(16, 8), (x3(16),)),
+        "Linear-nobias": (tnn.Linear(16, 8, bias=False), (x3(16),)),
+        "Linear-swish": (tnn.Linear(16, 8, activation="swish"), (x3(16),)),
+        "Swish": (tnn.Swish(), (x3(16),)),
+        "GELU": (tnn.GELU(), (x3(16),)),
+        "SwiGLU": (tnn.SwiGLU(16, 32), (x3(16),)),
+        "GeGLU": (tnn.GeGLU(16, 32), (x3(16),)),
+        "RMSNorm": (tnn.RMSNorm(16), (x3(16),)),
+        "RMSNorm-2d": (tnn.RMSNorm((4, 4)), (x3(4, 4),)),
+        "AddRMSNorm": (tnn.AddRMSNorm(16), (x3(16), x3(16))),
+        "AddRMSNorm-2d": (tnn.AddRMSNorm((4, 4)), (x3(4, 4), x3(4, 4))),
+        "LayerNorm": (tnn.LayerNorm(16), (x3(16),)),
+        "LayerNorm-2d": (tnn.LayerNorm((4, 4)), (x3(4, 4),)),
+        "CrossEntropyLoss": (tnn.CrossEntropyLoss(reduction="none"), (x3(16), torch.randint(0, 16, (2, 3)))),
+        "LinearCrossEntropyLoss": (tnn.LinearCrossEntropyLoss(16, 40, reduction="none"),
+                                   (x3(16), torch.randint(0, 40, (2, 3)))),
+    }
+
+
+CASES = list(_module_cases())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_no_module_returns_a_view(name):
+    """Every torchfast.nn module returns tensors of its own (FSDP2 warns about a view output: an
+    in-place op on it would skip the pre-backward all-gather), with the values and gradients of the
+    same call through torch's reshapes (impl="reference" path of the modules' ops)."""
+    import torchfast
+
+    torch.manual_seed(0)
+    module, inputs = _module_cases()[name]
+    out = module(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    assert all(o._base is None for o in outs), f"{name}: output is a view of {[o._base is not None for o in outs]}"
+    with torchfast.use_impl("reference"):
+        ref = module(*inputs)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    # An in-place op on the outputs, then backward: the gradients are those without it, or autograd
+    # refuses loudly where backward needs the output itself (AddRMSNorm's h, saved by add_rms_norm).
+    grads = torch.autograd.grad(sum(o.sum() for o in outs), [t for t in inputs if t.requires_grad])
+    out2 = module(*inputs)
+    outs2 = out2 if isinstance(out2, tuple) else (out2,)
+    for o in outs2:
+        o.add_(1.0)
+    if name == "AddRMSNorm":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(sum(o.sum() for o in outs2), inputs)
+        return
+    grads2 = torch.autograd.grad(sum(o.sum() for o in outs2), [t for t in inputs if t.requires_grad])
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g2, g, rtol=1e-6, atol=1e-7)
+
+
+def test_shard_in_a_world_of_one_checks_and_returns_the_model(monkeypatch):
+    """Without torchrun, shard() gives the model back unsharded, after the same checks."""
+    from tests.train.tiny_lm import TinyLM
+    from torchfast import distributed as tfdist
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    tfdist.cleanup()
+    tfdist.init(device="cpu")
+    try:
+        model = TinyLM()
+        assert tfdist.shard(model) is model
+        model.layers[0].scale = torch.nn.Parameter(torch.tensor(1.0))
+        with pytest.raises(ValueError, match=r"parameter 'layers.0.scale' is a scalar \(0 dimensions\)"):
+            tfdist.shard(model)
+        with pytest.raises(ValueError, match="matched no submodule"):
+            tfdist.shard(TinyLM(), blocks=torch.nn.Conv2d)
+        with pytest.raises(TypeError, match="argument 'blocks' must be None"):
+            tfdist.shard(TinyLM(), blocks="layers")
+        tied = TinyLM()
+        tied.lm_loss.weight = tied.embed_tokens.weight  # both in the root's group: allowed
+        assert tfdist.shard(tied) is tied
+    finally:
+        tfdist.cleanup()
