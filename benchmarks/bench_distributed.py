@@ -86,7 +86,8 @@ def worker(args: argparse.Namespace) -> None:
             torchfast.distributed.shard(model, reshard_after_forward=args.engine != "fsdp-no-reshard")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(1)
-        batches = [torch.randint(0, vocab, (batch * world.world_size, seq + 1), generator=g) for _ in range(steps)]
+        batches = [torch.randint(0, vocab, (batch * world.world_size, seq + 1), generator=g)
+                   for _ in range(steps)]
         rows = slice(world.rank * batch, (world.rank + 1) * batch)
         times, losses = [], []
         for tokens in batches:
@@ -149,15 +150,16 @@ def main(argv=None) -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as out:
-        forwarded = [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "heads", "inter", "vocab", "batch",
-                                                            "seq", "steps", "threads")]
+        names = ("hidden", "layers", "heads", "inter", "vocab", "batch", "seq", "steps", "threads")
+        forwarded = [f"--{k}={getattr(args, k)}" for k in names]
         # Every block of 64 KB or more is mmapped and unmapped on free, so RSS follows the live tensors:
         # with glibc's default (dynamic) threshold, freed blocks of a few MB stay in the heap and in RSS
         # (measured here: FSDP2's peak looked like DDP's, ~1 GB for both, while its live state is half).
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
         for engine in args.engines:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   __file__, f"--engine={engine}", f"--out={out}", *forwarded]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={args.nproc}", __file__, f"--engine={engine}", f"--out={out}",
+                   *forwarded]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
@@ -170,12 +172,13 @@ def main(argv=None) -> int:
         print(f"bench_distributed: the engines' last losses differ: {dict(zip(args.engines, losses))}",
               file=sys.stderr)
         return 1
-    print(f"{params / 1e6:.1f}M parameters (16 bytes each = {16 * params / 2**20:.0f} MB of weights, gradients "
-          f"and AdamW state), {args.nproc} processes x {args.batch} x {args.seq} tokens, "
+    print(f"{params / 1e6:.1f}M parameters (16 bytes each = {16 * params / 2**20:.0f} MB of weights, "
+          f"gradients and AdamW state), {args.nproc} processes x {args.batch} x {args.seq} tokens, "
           f"{args.threads} thread(s) each, CPU/Gloo")
     print(f"{'engine':18s} {'peak RSS growth/rank':>21s} {'step':>10s} {'last loss':>10s}")
     for r in rows:
-        print(f"{r['engine']:18s} {r['peak_growth_mb_max']:17.0f} MB {r['step_ms']:7.0f} ms {r['loss']:10.4f}")
+        peak, ms, loss = r["peak_growth_mb_max"], r["step_ms"], r["loss"]
+        print(f"{r['engine']:18s} {peak:17.0f} MB {ms:7.0f} ms {loss:10.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
     return 0

@@ -321,7 +321,9 @@ def shard(
     of another kind.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"torchfast.distributed.shard: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(
+            f"torchfast.distributed.shard: model must be an nn.Module, got {type(model).__name__}"
+        )
     w = world()
     chosen = _select_blocks(model, blocks)
     _check_shardable(model, chosen)
@@ -336,7 +338,9 @@ def shard(
         "mesh": mesh,
         "reshard_after_forward": reshard_after_forward,
         "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy(),
-        "offload_policy": CPUOffloadPolicy(pin_memory=w.device.type == "cuda") if offload else OffloadPolicy(),
+        # pinned memory needs CUDA; on a CPU mesh the shards already live in CPU memory
+        "offload_policy": (CPUOffloadPolicy(pin_memory=w.device.type == "cuda") if offload
+                           else OffloadPolicy()),
     }
     chosen_ids = {id(m) for _, m in chosen}
     # Bottom-up, as fully_shard requires: reversed pre-order puts every block after the blocks in it.

@@ -130,7 +130,9 @@ def run(name: str) -> dict:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     else:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if name == "bf16" else None
+        mp = None
+        if name == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         torchfast.distributed.shard(model, reshard_after_forward=name != "no-reshard", mp_policy=mp,
                                     offload=name == "offload")
     result["fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in model.modules())
@@ -155,7 +157,8 @@ def run(name: str) -> dict:
             errs = {n: rel_err(full(p.grad), want_grads[n]) for n, p in model.named_parameters()}
             result["grad_err"].append(errs)
             opt.step()
-    result["param_err"] = {n: rel_err(full(p), dict(ref.named_parameters())[n]) for n, p in model.named_parameters()}
+    want = dict(ref.named_parameters())
+    result["param_err"] = {n: rel_err(full(p), want[n]) for n, p in model.named_parameters()}
     # how far training moved the weights (the comparison is not between two untrained models)
     result["moved"] = max((full(p) - q).abs().max().item() for p, q in
                           zip(model.parameters(), Case(name).model.parameters()))
@@ -214,10 +217,12 @@ for name in configs:
         results[name] = special[name]() if name in special else run(name)
         results[name]["status"] = "ok"
     except Exception as e:  # recorded, so the test reports what torch said for this configuration
-        results[name] = {"status": f"{type(e).__name__}: {e}"[:2000], "traceback": traceback.format_exc()[-3000:]}
+        results[name] = {"status": f"{type(e).__name__}: {e}"[:2000],
+                         "traceback": traceback.format_exc()[-3000:]}
     results[name]["seconds"] = round(time.perf_counter() - t0, 2)
     dist.barrier()
 if rank == 0:
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print("FSDP-OK", " ".join(f"{k}:{v['status'][:40]}({v['seconds']}s)" for k, v in results.items()), flush=True)
+    summary = " ".join(f"{k}:{v['status'][:40]}({v['seconds']}s)" for k, v in results.items())
+    print("FSDP-OK", summary, flush=True)
 torchfast.distributed.cleanup()

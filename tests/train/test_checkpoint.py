@@ -80,7 +80,7 @@ def test_checkpointed_llama_block_keeps_only_its_input():
     assert (eager, n_eager) == (expected, 13), f"eager block saved {eager} bytes in {n_eager} storages"
     block.checkpointed = True
     kept, n_kept = _saved_bytes(block, x, params=params)
-    assert (kept, n_kept) == (b * s * h * f32, 1), f"checkpointed block saved {kept} bytes in {n_kept} storages"
+    assert (kept, n_kept) == (b * s * h * f32, 1), f"checkpointed: {kept} bytes in {n_kept} storages"
     assert eager / kept > 12
 
 

@@ -29,7 +29,9 @@ class Attention(nn.Module):
         # No bias on k_proj even in the biased form (as Whisper): softmax ignores what it adds to a row of
         # scores, so its true gradient is 0 and the computed one is rounding noise, which no relative
         # comparison between two runs can judge (and AdamW's step would blow the noise up to lr).
-        self.q_proj, self.v_proj, self.o_proj = (torchfast.nn.Linear(hidden, hidden, bias=bias) for _ in range(3))
+        self.q_proj, self.v_proj, self.o_proj = (
+            torchfast.nn.Linear(hidden, hidden, bias=bias) for _ in range(3)
+        )
         self.k_proj = torchfast.nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,8 @@ class Block(nn.Module):
         elif kind == "gated":
             self.norm = torchfast.nn.LayerNorm(hidden, bias=False)
             self.mlp = torchfast.nn.GeGLU(hidden, inter, approximate="tanh")
-            self.side = nn.Sequential(torchfast.nn.Swish(), torchfast.nn.GELU(), torchfast.nn.Linear(hidden, hidden))
+            self.side = nn.Sequential(torchfast.nn.Swish(), torchfast.nn.GELU(),
+                                      torchfast.nn.Linear(hidden, hidden))
         else:
             raise ValueError(f"Block: kind must be one of {KINDS}, got {kind!r}")
 
