@@ -22,6 +22,7 @@ import atexit
 import builtins
 import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,7 +197,7 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
     the last micro-batch of an accumulated step."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"torchfast.distributed.wrap: model must be an nn.Module, got {type(model).__name__}")
-    sharded = _first(model, _fsdp_module_type())
+    sharded = _first_sharded(model)
     if sharded is not None:
         raise ValueError(
             f"torchfast.distributed.wrap: module {sharded!r} of the model is already sharded with FSDP2 "
@@ -213,10 +214,14 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
 
 
-def _fsdp_module_type() -> type:
+def _first_sharded(model: nn.Module) -> str | None:
+    """The qualified name of the first module of `model` that fully_shard was applied to, or None.
+    Without torch.distributed.fsdp imported no module can be one: wrap() then costs no import."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return None
     from torch.distributed.fsdp import FSDPModule
 
-    return FSDPModule
+    return _first(model, FSDPModule)
 
 
 def _first(model: nn.Module, cls: type) -> str | None:
@@ -259,14 +264,14 @@ def _check_shardable(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> N
             "and FSDP cannot be mixed (both reduce the gradients): shard the plain module "
             "(torchfast.distributed.unwrap gives it)"
         )
-    done = _first(model, _fsdp_module_type())
+    done = _first_sharded(model)
     if done is not None:
         raise ValueError(
             f"torchfast.distributed.shard: module {done!r} of the model is already sharded (fully_shard "
             "was applied); shard a model once"
         )
     owner: dict[int, tuple[str, str]] = {}  # parameter -> (its group: a block or "<root>", its name)
-    group_of = {id(m): n for n, m in chosen}
+    groups = {n for n, _ in chosen}
     for mod_name, m in model.named_modules():
         for p_name, p in m.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
@@ -278,7 +283,7 @@ def _check_shardable(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> N
     for p_name, p in model.named_parameters(remove_duplicate=False):
         parts = p_name.split(".")
         group = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
-                      if ".".join(parts[:i]) in group_of.values()), "<root>")
+                      if ".".join(parts[:i]) in groups), "<root>")
         first_group, first_name = owner.setdefault(id(p), (group, p_name))
         if first_group != group:
             raise ValueError(
@@ -300,12 +305,14 @@ def shard(
     """`model` sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`) over the world's processes:
     each block its own group (all-gathered just before it runs, freed after), then the root holding
     the rest (embeddings, final norm, head); fully_shard moves the parameters to the mesh's device.
-    Returns the same module, now an FSDPModule; its
-    parameters are DTensors sharded on dimension 0 (uneven sizes are padded, as fully_shard does).
-    Gradients are averaged over the ranks in backward; build the optimizer after this call.
+    Returns the same module, now an FSDPModule; its parameters are DTensors sharded on dimension 0
+    (uneven sizes are padded, as fully_shard does). Gradients are averaged over the ranks in backward;
+    build the optimizer after this call. Each rank keeps its slice of its own weights (nothing is
+    broadcast): build the model from the same seed or checkpoint everywhere.
 
-    blocks: None (the children of every nn.ModuleList: a transformer's layers), a module class or tuple
-        of classes, or a function (qualified name, module) -> bool.
+    blocks: None (the children of every nn.ModuleList: a transformer's layers; a model without one is
+        a single group), a module class or tuple of classes, or a function (qualified name, module) ->
+        bool.
     mesh: a DeviceMesh; default one dimension over all processes on the world's device type.
     reshard_after_forward: free each block's gathered parameters after its forward (True: least
         memory, gathered again in backward) or keep them until backward (False: one all-gather less).
