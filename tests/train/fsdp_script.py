@@ -18,6 +18,7 @@ Configurations (tests/train/test_fsdp.py and docs/distributed.md name them):
   checkpoint    every block under non-reentrant torch.utils.checkpoint, reshard_after_forward=True
   optimize      torchfast.optimize of the plain-PyTorch Llama stack of tests/dropin/models.py
   compile       blocks compiled with torch.compile after sharding (slow: inductor builds C++)
+  compile-aot   the same with backend="aot_eager": dynamo + AOTAutograd graphs, no code generation
   raw           torch's fully_shard called directly (per block, then the root)
   errors        bad input refused by torchfast.distributed.shard / wrap on both ranks, by name
   view-control  torch's own nn.Linear (bias, 3-D input) as a sharded module: FSDP2 must warn that it
@@ -136,9 +137,12 @@ def run(name: str) -> dict:
         torchfast.distributed.shard(model, reshard_after_forward=name != "no-reshard", mp_policy=mp,
                                     offload=name == "offload")
     result["fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in model.modules())
-    if name == "compile":
+    if name in ("compile", "compile-aot"):
+        # in place: parameter names stay those of the reference. aot_eager traces the same graphs
+        # (dynamo and AOTAutograd, FSDP2's hooks, the torchfast ops) without inductor's C++ build.
+        backend = "aot_eager" if name == "compile-aot" else "inductor"
         for block in case.blocks(model):
-            block.compile()  # in place: parameter names stay those of the reference
+            block.compile(backend=backend)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.01)
     result["shards"] = {n: [list(p.to_local().shape), list(p.shape)] for n, p in model.named_parameters()
@@ -162,7 +166,7 @@ def run(name: str) -> dict:
     # how far training moved the weights (the comparison is not between two untrained models)
     result["moved"] = max((full(p) - q).abs().max().item() for p, q in
                           zip(model.parameters(), Case(name).model.parameters()))
-    if name == "compile":
+    if name in ("compile", "compile-aot"):
         from torch._dynamo.utils import counters
 
         result["graph_breaks"] = {k: v for k, v in counters["graph_break"].items()}
