@@ -202,7 +202,8 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         raise ValueError(
             f"torchfast.distributed.wrap: module {sharded!r} of the model is already sharded with FSDP2 "
             "(fully_shard); DDP and FSDP cannot be mixed: both reduce the gradients. Train the sharded "
-            "model as it is"
+            "model without DDP (the Trainer wraps its model in DDP: use your own loop, see "
+            "docs/distributed.md)"
         )
     w = world()
     model = model.to(w.device)

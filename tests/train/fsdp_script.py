@@ -207,6 +207,8 @@ def errors() -> dict:
     sharded = torchfast.distributed.shard(TinyLM())
     expect("ddp-over-fsdp", lambda: torchfast.distributed.wrap(sharded))
     expect("twice", lambda: torchfast.distributed.shard(sharded))
+    expect("trainer", lambda: torchfast.Trainer(sharded, torch.optim.SGD(sharded.parameters(), lr=0.1),
+                                                F.mse_loss, progress=None))
     tied = TinyLM()
     tied.layers[2].side[2].weight = tied.layers[0].self_attn.o_proj.weight
     expect("shared-between-blocks", lambda: torchfast.distributed.shard(tied))
