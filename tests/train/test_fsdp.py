@@ -201,3 +201,18 @@ def test_shard_in_a_world_of_one_checks_and_returns_the_model(monkeypatch):
         assert tfdist.shard(tied) is tied
     finally:
         tfdist.cleanup()
+
+
+def test_linear_through_onednn_returns_no_view(monkeypatch):
+    """The oneDNN GEMM path of torchfast.nn.Linear (float32 CPU, large enough; forced here, "auto" takes
+    it on AMD CPUs) returns a tensor of its own for a 3-D input too, with F.linear's values."""
+    import torchfast
+    from torchfast.ops import linear as linear_ops
+
+    monkeypatch.setenv("TORCHFAST_CPU_MATMUL", "onednn")
+    lin = torchfast.nn.Linear(512, 512)
+    x = torch.randn(4, 32, 512, requires_grad=True)
+    assert linear_ops.eligible(x, lin.weight, lin.bias) == (linear_ops.cpu_matmul_backend() == "onednn")
+    y = lin(x)
+    assert y._base is None
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
