@@ -22,6 +22,7 @@ import atexit
 import builtins
 import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,6 +197,14 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
     the last micro-batch of an accumulated step."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"torchfast.distributed.wrap: model must be an nn.Module, got {type(model).__name__}")
+    sharded = _first_sharded(model)
+    if sharded is not None:
+        raise ValueError(
+            f"torchfast.distributed.wrap: module {sharded!r} of the model is already sharded with FSDP2 "
+            "(fully_shard); DDP and FSDP cannot be mixed: both reduce the gradients. Train the sharded "
+            "model without DDP (the Trainer wraps its model in DDP: use your own loop, see "
+            "docs/distributed.md)"
+        )
     w = world()
     model = model.to(w.device)
     if not w.distributed:
@@ -204,6 +213,150 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
 
     device_ids = [w.device.index] if w.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, **ddp_kwargs)
+
+
+def _first_sharded(model: nn.Module) -> str | None:
+    """The qualified name of the first module of `model` that fully_shard was applied to, or None.
+    Without torch.distributed.fsdp imported no module can be one: wrap() then costs no import."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    return _first(model, FSDPModule)
+
+
+def _first(model: nn.Module, cls: type) -> str | None:
+    """The qualified name of the first module of `model` (itself: "<root>") that is a `cls`, or None."""
+    for name, m in model.named_modules():
+        if isinstance(m, cls):
+            return name or "<root>"
+    return None
+
+
+def _select_blocks(model: nn.Module, blocks: Any) -> list[tuple[str, nn.Module]]:
+    if blocks is None:  # the layers of a transformer: the children of every nn.ModuleList
+        return [(f"{n}.{i}" if n else str(i), c) for n, m in model.named_modules()
+                if isinstance(m, nn.ModuleList) for i, c in enumerate(m)]
+    if isinstance(blocks, type) or (isinstance(blocks, tuple) and all(isinstance(b, type) for b in blocks)):
+        chosen = [(n, m) for n, m in model.named_modules() if n and isinstance(m, blocks)]
+    elif callable(blocks):
+        chosen = [(n, m) for n, m in model.named_modules() if n and blocks(n, m)]
+    else:
+        raise TypeError(
+            "torchfast.distributed.shard: argument 'blocks' must be None (the children of every "
+            "nn.ModuleList), a module class or tuple of classes, or a function (name, module) -> bool; "
+            f"got {type(blocks).__name__}"
+        )
+    if not chosen:
+        raise ValueError(f"torchfast.distributed.shard: blocks={blocks!r} matched no submodule of the model")
+    return chosen
+
+
+def _check_shardable(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
+    """Everything fully_shard would refuse late, or get wrong without a word, refused here by name,
+    before any collective runs (a rank that raises in the middle of a collective leaves the others
+    waiting)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = _first(model, DistributedDataParallel)
+    if ddp is not None:
+        raise ValueError(
+            f"torchfast.distributed.shard: module {ddp!r} of the model is a DistributedDataParallel; DDP "
+            "and FSDP cannot be mixed (both reduce the gradients): shard the plain module "
+            "(torchfast.distributed.unwrap gives it)"
+        )
+    done = _first_sharded(model)
+    if done is not None:
+        raise ValueError(
+            f"torchfast.distributed.shard: module {done!r} of the model is already sharded (fully_shard "
+            "was applied); shard a model once"
+        )
+    owner: dict[int, tuple[str, str]] = {}  # parameter -> (its group: a block or "<root>", its name)
+    groups = {n for n, _ in chosen}
+    for mod_name, m in model.named_modules():
+        for p_name, p in m.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p.dim() == 0:
+                raise ValueError(
+                    f"torchfast.distributed.shard: parameter {full!r} is a scalar (0 dimensions); FSDP2 "
+                    "shards dimension 0 of every parameter: make it a 1-D tensor of one element"
+                )
+    for p_name, p in model.named_parameters(remove_duplicate=False):
+        parts = p_name.split(".")
+        group = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)
+                      if ".".join(parts[:i]) in groups), "<root>")
+        first_group, first_name = owner.setdefault(id(p), (group, p_name))
+        if first_group != group:
+            raise ValueError(
+                f"torchfast.distributed.shard: parameter {p_name!r} (group {group!r}) is the same tensor "
+                f"as {first_name!r} (group {first_group!r}); FSDP2 gives each parameter to one group: "
+                "leave the modules that share it out of `blocks` (the root's group then holds it)"
+            )
+
+
+def shard(
+    model: nn.Module,
+    *,
+    blocks: Any = None,
+    mesh: Any = None,
+    reshard_after_forward: bool = True,
+    mp_policy: Any = None,
+    offload: bool = False,
+) -> nn.Module:
+    """`model` sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`) over the world's processes:
+    each block its own group (all-gathered just before it runs, freed after), then the root holding
+    the rest (embeddings, final norm, head); fully_shard moves the parameters to the mesh's device.
+    Returns the same module, now an FSDPModule; its parameters are DTensors sharded on dimension 0
+    (uneven sizes are padded, as fully_shard does). Gradients are averaged over the ranks in backward;
+    build the optimizer after this call. Each rank keeps its slice of its own weights (nothing is
+    broadcast): build the model from the same seed or checkpoint everywhere.
+
+    blocks: None (the children of every nn.ModuleList: a transformer's layers; a model without one is
+        a single group), a module class or tuple of classes, or a function (qualified name, module) ->
+        bool.
+    mesh: a DeviceMesh; default one dimension over all processes on the world's device type.
+    reshard_after_forward: free each block's gathered parameters after its forward (True: least
+        memory, gathered again in backward) or keep them until backward (False: one all-gather less).
+    mp_policy: a torch.distributed.fsdp.MixedPrecisionPolicy, e.g. bfloat16 parameters for compute and
+        float32 gradient reduction.
+    offload: keep the sharded parameters, gradients and optimizer state in CPU memory
+        (CPUOffloadPolicy; memory is pinned when computing on CUDA).
+
+    A world of size 1 gets the model back moved to its device, not sharded (the same checks run).
+    Raises ValueError, naming the module or parameter, before any collective when the model holds a
+    DistributedDataParallel or is already sharded, a parameter is a scalar, a parameter is shared
+    between two blocks (or a block and the root), or `blocks` matches nothing; TypeError for a `blocks`
+    of another kind.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"torchfast.distributed.shard: model must be an nn.Module, got {type(model).__name__}"
+        )
+    w = world()
+    chosen = _select_blocks(model, blocks)
+    _check_shardable(model, chosen)
+    if not w.distributed:
+        return model.to(w.device)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if mesh is None:
+        mesh = init_device_mesh(w.device.type, (w.world_size,))
+    kwargs = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy(),
+        # pinned memory needs CUDA; on a CPU mesh the shards already live in CPU memory
+        "offload_policy": (CPUOffloadPolicy(pin_memory=w.device.type == "cuda") if offload
+                           else OffloadPolicy()),
+    }
+    chosen_ids = {id(m) for _, m in chosen}
+    # Bottom-up, as fully_shard requires: reversed pre-order puts every block after the blocks in it.
+    for _, m in reversed(list(model.named_modules())):
+        if id(m) in chosen_ids:
+            fully_shard(m, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchfast.nn.rms_norm import _as_shape, _script_flat, _script_rows, flat, flatten_rows
+from torchfast.nn.rms_norm import _as_shape, _script_flat, _script_rows, flat, flatten_rows, unflatten_rows
 from torchfast.ops.layer_norm import layer_norm
 
 
@@ -47,7 +47,8 @@ class LayerNorm(nn.Module):
             y, _, _ = torch.ops.torchfast.layer_norm(_script_rows(x, len(self.normalized_shape)),
                                                      _script_flat(self.weight), _script_flat(self.bias), self.eps)
             return y.view(x.shape)
-        return layer_norm(flatten_rows(self, x), flat(self.weight), flat(self.bias), eps=self.eps).view(x.shape)
+        y = layer_norm(flatten_rows(self, x), flat(self.weight), flat(self.bias), eps=self.eps)
+        return unflatten_rows(y, x.shape)  # not a view: see unflatten_rows
 
     def extra_repr(self) -> str:
         return (

@@ -11,6 +11,17 @@ from torchfast.ops.bias_act import bias_act
 from torchfast.ops.linear import linear
 
 
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """y as a tensor of its own when torch returned a view: F.linear on an input of 3 or more dimensions
+    with a bias returns a view of its 2-D addmm result, which FSDP2 warns about in a wrapped module's
+    output (an in-place op on it would skip the pre-backward all-gather). `_unsafe_view` gives the same
+    storage without view tracking; nothing saved y for backward. jit.trace keeps the view: the
+    TorchScript ONNX exporter cannot translate _unsafe_view."""
+    if y._base is None or torch.jit.is_tracing():
+        return y
+    return torch.ops.aten._unsafe_view(y, y.shape)
+
+
 class Linear(nn.Linear):
     """y = act(x W^T + b): the matmul through torch (BLAS / cuBLAS; on CPUs where oneDNN's float32 GEMM
     is the faster one, through oneDNN, see `torchfast.ops.linear`), then bias and activation in one
@@ -62,7 +73,7 @@ class Linear(nn.Linear):
                 return F.linear(input, self.weight, self.bias)
             return torch.ops.torchfast.bias_act(F.linear(input, self.weight), self.bias, act=self.activation)
         if self.activation is None:
-            return linear(input, self.weight, self.bias)
+            return _own(linear(input, self.weight, self.bias))
         return bias_act(linear(input, self.weight), self.bias, act=self.activation)
 
     def extra_repr(self) -> str:

@@ -38,6 +38,29 @@ def flat(p: torch.Tensor | None) -> torch.Tensor | None:
     return None if p is None else p.reshape(-1)
 
 
+def unflatten_rows(y: torch.Tensor, shape: torch.Size, *, saved: bool = False) -> torch.Tensor:
+    """The op's output `y` (rows flattened by flatten_rows) in the input's `shape`, as a tensor of its
+    own, never a view of `y`.
+
+    Why not y.view(shape): a module output that is a view trips wrappers that hook module outputs.
+    FSDP2 registers its pre-backward all-gather on each output's grad_fn and warns that an in-place op
+    on a view (`out += r`) would replace that grad_fn and silently skip the all-gather. With a 1-D
+    normalized_shape (the usual case) y already has the shape and is returned as it is. Otherwise
+    `aten._unsafe_view` gives the shape without a copy and without view tracking (what aten's own
+    matmul does with its folded output). Its version counter is not y's, so when the op saved y for
+    backward (`saved=True`, add_rms_norm's h) an in-place write into the result would go unnoticed:
+    there the result is a copy. jit.trace records a plain view: the TorchScript ONNX exporter has no
+    translation for _unsafe_view, and traced graphs do not run under FSDP.
+    """
+    if y.shape == shape:
+        return y
+    if torch.jit.is_tracing():
+        return y.view(shape)
+    if saved:
+        return y.reshape(shape).clone()
+    return torch.ops.aten._unsafe_view(y, shape)
+
+
 # TorchScript versions of the helpers above (the scripted branch of forward; the ops check shapes).
 
 def _script_rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -88,7 +111,7 @@ class RMSNorm(nn.Module):
             y, _ = torch.ops.torchfast.rms_norm(_script_rows(x, len(self.normalized_shape)),
                                                 _script_flat(self.weight), _script_eps(self.eps, x))
             return y.view(x.shape)
-        return rms_norm(flatten_rows(self, x), flat(self.weight), eps=self.eps).view(x.shape)
+        return unflatten_rows(rms_norm(flatten_rows(self, x), flat(self.weight), eps=self.eps), x.shape)
 
     def extra_repr(self) -> str:
         return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
@@ -106,4 +129,4 @@ class AddRMSNorm(RMSNorm):
                                                        _script_flat(self.weight), _script_eps(self.eps, x))
             return y.view(x.shape), h.view(x.shape)
         y, h = add_rms_norm(flatten_rows(self, x), flatten_rows(self, residual), flat(self.weight), eps=self.eps)
-        return y.view(x.shape), h.view(x.shape)
+        return unflatten_rows(y, x.shape), unflatten_rows(h, x.shape, saved=True)

@@ -137,7 +137,10 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """x @ weight^T + bias through oneDNN, no autograd (x of any rank >= 2; weight may be a transposed
     view, read in place). The body of torchfast::_onednn_linear."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+    # _unsafe_view, not view: the op's output must be a tensor of its own, or nn.Linear would return a
+    # view of this internal 2-D result (FSDP2 warns about such module outputs: an in-place op on them
+    # would skip its pre-backward all-gather). Backward does not save y, so nothing shares its version.
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
 
 _OP = "torchfast::_onednn_linear"
