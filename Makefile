@@ -8,7 +8,7 @@ VPY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: setup build demo test test-py cuda-check gpu-check bench clean
+.PHONY: setup build demo test test-py test-slow cuda-check gpu-check bench clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,13 @@ setup build: $(VENV)/.built
 demo: $(VENV)/.built
 	$(VPY) -m torchfast demo
 
+# The default run leaves out tests marked `slow` (each checks, at full cost, a property a default test
+# already checks more cheaply: e.g. FSDP2 under inductor, where the default uses aot_eager).
 test-py: $(VENV)/.built
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -m "not slow" tests
+
+test-slow: $(VENV)/.built
+	$(VPY) -m pytest -q -m slow tests
 
 test: test-py cuda-check
 
