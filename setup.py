@@ -4,7 +4,7 @@ Sources are found by glob: csrc/*.cpp, csrc/ops/*/*_cpu.cpp and csrc/ops/*/*_aut
 per CPU ISA (x86-64: DEFAULT, AVX2, AVX512, AVX512_BF16; picked at run time like ATen's kernels), and
 csrc/ops/*/*_cuda.cu for CUDA. Knobs (environment):
   TORCHFAST_CUDA=1|0     force / disable the CUDA kernels (default: when torch has CUDA and nvcc exists)
-  TORCH_CUDA_ARCH_LIST   CUDA archs (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST   CUDA archs (default DEFAULT_CUDA_ARCHS: sm_80, sm_90, sm_100, sm_120 and PTX)
   TORCHFAST_CPU_ISAS     comma-separated subset of the CPU ISA variants to build (default: all of this
                          architecture's; DEFAULT is always built), for quicker builds that do not need
                          them all, e.g. the CUDA build check
@@ -44,6 +44,9 @@ if torch.version.cuda and os.environ.get("TORCHFAST_CUDA") != "0" and (home := _
 from torch.utils import cpp_extension as ce  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# A100 (8.0), H100/H200 (9.0), B200 (10.0), RTX 50xx / RTX PRO Blackwell (12.0), plus compute_120 PTX that the
+# driver compiles at load time for any newer GPU, so a default build runs on GPUs newer than this list.
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 # The flags ATen compiles its own per-ISA kernels with (aten/src/ATen/CMakeLists.txt).
 ISA_FLAGS = {
@@ -134,7 +137,7 @@ def extension():
     if not with_cuda:
         return ce.CppExtension("torchfast._C", sources, include_dirs=include_dirs,
                                extra_compile_args={"cxx": cxx}, **kwargs)
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     cuda_defines = ["-DTORCHFAST_WITH_CUDA", f'-DTORCHFAST_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines + cuda_defines
     ext = ce.CUDAExtension("torchfast._C", sources + _rel("csrc/ops/*/*_cuda.cu"), include_dirs=include_dirs,
