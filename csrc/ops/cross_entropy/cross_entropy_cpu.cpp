@@ -34,6 +34,7 @@
 #include <torchfast/rows.h>
 
 #include "cross_entropy.h"
+#include "cross_entropy_linear.h"
 
 namespace torchfast {
 namespace {
@@ -102,38 +103,16 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_loss, const at::Ten
 
 // ---- linear_cross_entropy -------------------------------------------------------------------------
 
-struct LinearCE {
-  at::Tensor h, w, t;  // hidden as [N, H], weight [V, H], target [N] (int64, checked)
-  OptTensor b;
-  int64_t rows, vocab;
-  CEOptions o;
-};
+using linear_ce::Grads;
+using linear_ce::Inputs;
 
-LinearCE linear_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
-                       const OptTensor& bias, int64_t ignore_index, double label_smoothing, double z_loss,
-                       const std::optional<double>& softcap, int64_t chunk_size, const char* op) {
-  check_linear_args(hidden, weight, target, bias, chunk_size, op);
-  LinearCE c;
-  c.o = ce_options(op, ignore_index, label_smoothing, z_loss, softcap);
-  c.vocab = weight.size(0);
-  c.h = hidden.reshape({-1, hidden.size(-1)}).contiguous();
-  c.w = weight.contiguous();
-  c.b = bias.has_value() ? OptTensor(bias->contiguous()) : std::nullopt;
-  c.t = checked_target(target, c.vocab, ignore_index, op).reshape({-1});
-  c.rows = c.t.numel();
-  return c;
-}
-
-struct LinearGrads {
-  at::Tensor dh, dw, db_acc;  // undefined when not asked for; db accumulates in fp32 (fp64 for double)
-};
-
-LinearGrads alloc_grads(const LinearCE& c, const std::array<bool, 3>& mask) {
-  LinearGrads g;
-  if (mask[0]) g.dh = at::empty_like(c.h);
-  if (mask[1]) g.dw = c.rows > 0 ? at::empty_like(c.w) : at::zeros_like(c.w);  // run_chunks writes it
-  if (mask[2] && c.b.has_value()) g.db_acc = at::zeros({c.vocab}, c.h.options().dtype(ce_acc_dtype(c.h)));
-  return g;
+Inputs linear_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                     const OptTensor& bias, int64_t ignore_index, double label_smoothing, double z_loss,
+                     const std::optional<double>& softcap, int64_t chunk_size, const char* op) {
+  return linear_ce::inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                           op, [&](const at::Tensor& t, int64_t vocab) {
+                             return checked_target(t, vocab, ignore_index, op).reshape({-1});
+                           });
 }
 
 // mkldnn::_linear_pointwise, the oneDNN GEMM that torchfast.linear and inductor's CPU backend use; looked
@@ -167,9 +146,9 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w, const OptTens
 // One pass over the chunks. Each chunk's logits go into `buf`; with `fwd`, the row kernel writes loss and
 // lse; with gradients wanted, `grad` (per row, stride grad_stride) scales d loss / d logits, written over
 // the logits in place, and the three gradient GEMMs accumulate.
-void run_chunks(const LinearCE& c, int64_t chunk, bool fwd, at::Tensor* loss, at::Tensor* lse,
-                const at::Tensor* grad, int64_t grad_stride, LinearGrads* g) {
-  const bool want_grad = g != nullptr && (g->dh.defined() || g->dw.defined() || g->db_acc.defined());
+void run_chunks(const Inputs& c, int64_t chunk, bool fwd, at::Tensor* loss, at::Tensor* lse,
+                const at::Tensor* grad, int64_t grad_stride, Grads* g) {
+  const bool want_grad = g != nullptr && g->any();
   if (c.rows == 0 || (!fwd && !want_grad)) return;
   chunk = std::min(chunk, c.rows);
   const int64_t hidden = c.h.size(1);
@@ -214,25 +193,8 @@ void run_chunks(const LinearCE& c, int64_t chunk, bool fwd, at::Tensor* loss, at
         at::mm_out(dh, logits, c.w);
       }
     }
-    if (g->dw.defined()) {
-      if (start == 0) {
-        at::mm_out(g->dw, logits.t(), hc);  // the first chunk writes: no zero fill, no beta = 1 pass
-      } else {
-        g->dw.addmm_(logits.t(), hc);
-      }
-    }
-    if (g->db_acc.defined()) g->db_acc.add_(at::sum(logits, {0}, false, g->db_acc.scalar_type()));
+    linear_ce::add_weight_bias_grads(g, logits, hc, /*first=*/start == 0);
   }
-}
-
-at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(const LinearGrads& g, const at::Tensor& hidden,
-                                                            const at::Tensor& weight, const OptTensor& bias) {
-  at::Tensor dh = g.dh.defined() ? g.dh.reshape(hidden.sizes()) : empty_grad(hidden);
-  at::Tensor dw = g.dw.defined() ? g.dw : empty_grad(weight);
-  at::Tensor db = g.db_acc.defined() ? g.db_acc.to(bias->scalar_type()) : empty_grad(bias.value_or(hidden));
-  return {dh, dw, db};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
@@ -241,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     std::optional<double> softcap, int64_t chunk_size, int64_t grad_mask) {
   constexpr const char* op = "linear_cross_entropy";
   const bool sums = ce_reduction_sums(std::string(reduction), op);
-  LinearCE c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+  Inputs c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
                              chunk_size, op);
   const auto acc = c.h.options().dtype(ce_acc_dtype(c.h));
   at::Tensor loss = at::empty({c.rows}, acc), lse = at::empty({c.rows}, acc);
@@ -252,11 +214,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   for (int64_t i = 0; i < c.rows; ++i) count += tp[i] != ignore_index;
   const bool mean = reduction == "mean";
   at::Tensor scale = at::empty({1}, acc).fill_(mean ? 1.0 / static_cast<double>(count) : 1.0);
-  LinearGrads g;
-  if (sums) g = alloc_grads(c, grad_mask_bits(grad_mask, op));
+  Grads g;
+  if (sums) g = linear_ce::alloc_grads(c, grad_mask_bits(grad_mask, op));
   run_chunks(c, chunk_size, /*fwd=*/true, &loss, &lse, &scale, /*grad_stride=*/0, sums ? &g : nullptr);
   at::Tensor out_loss = sums ? (mean ? loss.sum().div(static_cast<double>(count)) : loss.sum()) : loss.reshape(target.sizes());
-  auto [dh, dw, db] = finish_grads(g, hidden, weight, bias);
+  auto [dh, dw, db] = linear_ce::finish_grads(g, hidden, weight, bias);
   return {out_loss, lse.reshape(target.sizes()), dh, dw, db};
 }
 
@@ -265,14 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
     const OptTensor& bias, const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
     std::optional<double> softcap, int64_t chunk_size, int64_t grad_mask) {
   constexpr const char* op = "linear_cross_entropy_backward";
-  LinearCE c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+  Inputs c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
                              chunk_size, op);
   check_rows_arg(grad_loss, hidden, op, "grad_loss", "hidden");
   check_rows_arg(lse, hidden, op, "lse", "hidden");
   at::Tensor l = lse.reshape({-1}).contiguous(), gl = grad_loss.reshape({-1}).contiguous();
-  LinearGrads g = alloc_grads(c, grad_mask_bits(grad_mask, op));
+  Grads g = linear_ce::alloc_grads(c, grad_mask_bits(grad_mask, op));
   run_chunks(c, chunk_size, /*fwd=*/false, nullptr, &l, &gl, /*grad_stride=*/1, &g);
-  return finish_grads(g, hidden, weight, bias);
+  return linear_ce::finish_grads(g, hidden, weight, bias);
 }
 
 }  // namespace

@@ -46,6 +46,7 @@
 #include <torchfast/rows.h>
 
 #include "cross_entropy.h"
+#include "cross_entropy_linear.h"
 
 namespace torchfast {
 namespace {
@@ -394,46 +395,22 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Te
 
 using OptTensor = std::optional<at::Tensor>;
 
-struct LinearCE {
-  at::Tensor h, w, t;  // hidden as [N, H] contiguous, weight [V, H] contiguous, target [N] int64
-  OptTensor b;
-  int64_t rows, vocab;
-  CEOptions o;
-};
+using linear_ce::Grads;
+using linear_ce::Inputs;
 
-LinearCE linear_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
-                       const OptTensor& bias, int64_t ignore_index, double label_smoothing, double z_loss,
-                       const std::optional<double>& softcap, int64_t chunk_size, const char* op) {
-  check_linear_args(hidden, weight, target, bias, chunk_size, op);
-  LinearCE c;
-  c.o = ce_options(op, ignore_index, label_smoothing, z_loss, softcap);
-  c.vocab = weight.size(0);
-  c.h = hidden.reshape({-1, hidden.size(-1)}).contiguous();
-  c.w = weight.contiguous();
-  c.b = bias.has_value() ? OptTensor(bias->contiguous()) : std::nullopt;
-  c.t = flat_target(target);
-  c.rows = c.t.numel();
-  return c;
-}
-
-struct LinearGrads {
-  at::Tensor dh, dw, db_acc;  // undefined when not asked for; db accumulates in the math type
-};
-
-LinearGrads alloc_grads(const LinearCE& c, const std::array<bool, 3>& mask) {
-  LinearGrads g;
-  if (mask[0]) g.dh = at::empty_like(c.h);
-  if (mask[1]) g.dw = c.rows > 0 ? at::empty_like(c.w) : at::zeros_like(c.w);  // run_chunks writes it
-  if (mask[2] && c.b.has_value()) g.db_acc = at::zeros({c.vocab}, c.h.options().dtype(ce_acc_dtype(c.h)));
-  return g;
+Inputs linear_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+                     const OptTensor& bias, int64_t ignore_index, double label_smoothing, double z_loss,
+                     const std::optional<double>& softcap, int64_t chunk_size, const char* op) {
+  return linear_ce::inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, chunk_size,
+                           op, [](const at::Tensor& t, int64_t) { return flat_target(t); });
 }
 
 // One pass over the chunks (the caller holds the device guard). With `fwd`, the row kernel writes loss
 // and lse; with gradients wanted, `grad` (per row, stride grad_stride; 0 = one value) scales
 // d loss / d logits, written over the chunk's logits, and the three gradient GEMMs accumulate.
-void run_chunks(const LinearCE& c, int64_t chunk, bool fwd, at::Tensor* loss, at::Tensor* lse,
-                const at::Tensor* grad, int64_t grad_stride, LinearGrads* g) {
-  const bool want_grad = g != nullptr && (g->dh.defined() || g->dw.defined() || g->db_acc.defined());
+void run_chunks(const Inputs& c, int64_t chunk, bool fwd, at::Tensor* loss, at::Tensor* lse,
+                const at::Tensor* grad, int64_t grad_stride, Grads* g) {
+  const bool want_grad = g != nullptr && g->any();
   if (c.rows == 0 || (!fwd && !want_grad)) return;
   chunk = std::min(chunk, c.rows);
   at::Tensor buf = at::empty({chunk, c.vocab}, c.h.options());
@@ -459,25 +436,8 @@ void run_chunks(const LinearCE& c, int64_t chunk, bool fwd, at::Tensor* loss, at
       at::Tensor dh = g->dh.narrow(0, start, m);
       at::mm_out(dh, logits, c.w);
     }
-    if (g->dw.defined()) {
-      if (start == 0) {
-        at::mm_out(g->dw, logits.t(), hc);  // the first chunk writes: no zero fill, no beta = 1 pass
-      } else {
-        g->dw.addmm_(logits.t(), hc);
-      }
-    }
-    if (g->db_acc.defined()) g->db_acc.add_(at::sum(logits, {0}, false, g->db_acc.scalar_type()));
+    linear_ce::add_weight_bias_grads(g, logits, hc, /*first=*/start == 0);
   }
-}
-
-at::Tensor empty_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_grads(const LinearGrads& g, const at::Tensor& hidden,
-                                                            const at::Tensor& weight, const OptTensor& bias) {
-  at::Tensor dh = g.dh.defined() ? g.dh.reshape(hidden.sizes()) : empty_grad(hidden);
-  at::Tensor dw = g.dw.defined() ? g.dw : empty_grad(weight);
-  at::Tensor db = g.db_acc.defined() ? g.db_acc.to(bias->scalar_type()) : empty_grad(bias.value_or(hidden));
-  return {dh, dw, db};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(
@@ -486,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
     std::optional<double> softcap, int64_t chunk_size, int64_t grad_mask) {
   constexpr const char* op = "linear_cross_entropy";
   const bool sums = ce_reduction_sums(std::string(reduction), op);
-  LinearCE c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+  Inputs c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
                              chunk_size, op);
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   const auto acc = c.h.options().dtype(ce_acc_dtype(c.h));
@@ -497,11 +457,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cr
   // reading it).
   const at::Tensor count = mean ? c.t.ne(ignore_index).sum().to(acc.dtype()) : at::Tensor();
   const at::Tensor scale = mean ? count.reciprocal().reshape({1}) : at::ones({1}, acc);
-  LinearGrads g;
-  if (sums) g = alloc_grads(c, grad_mask_bits(grad_mask, op));
+  Grads g;
+  if (sums) g = linear_ce::alloc_grads(c, grad_mask_bits(grad_mask, op));
   run_chunks(c, chunk_size, /*fwd=*/true, &loss, &lse, &scale, /*grad_stride=*/0, sums ? &g : nullptr);
   at::Tensor out_loss = sums ? (mean ? loss.sum().div(count) : loss.sum()) : loss.reshape(target.sizes());
-  auto [dh, dw, db] = finish_grads(g, hidden, weight, bias);
+  auto [dh, dw, db] = linear_ce::finish_grads(g, hidden, weight, bias);
   return {out_loss, lse.reshape(target.sizes()), dh, dw, db};
 }
 
@@ -510,16 +470,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
     const OptTensor& bias, const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
     std::optional<double> softcap, int64_t chunk_size, int64_t grad_mask) {
   constexpr const char* op = "linear_cross_entropy_backward";
-  LinearCE c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+  Inputs c = linear_inputs(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
                              chunk_size, op);
   const c10::cuda::CUDAGuard device_guard(hidden.device());
   check_rows_arg(grad_loss, hidden, op, "grad_loss", "hidden");
   check_rows_arg(lse, hidden, op, "lse", "hidden");
   at::Tensor l = lse.reshape({-1}).contiguous();
   const auto [gl, gl_stride] = flat_rows(grad_loss);
-  LinearGrads g = alloc_grads(c, grad_mask_bits(grad_mask, op));
+  Grads g = linear_ce::alloc_grads(c, grad_mask_bits(grad_mask, op));
   run_chunks(c, chunk_size, /*fwd=*/false, nullptr, &l, &gl, gl_stride, &g);
-  return finish_grads(g, hidden, weight, bias);
+  return linear_ce::finish_grads(g, hidden, weight, bias);
 }
 
 }  // namespace
