@@ -20,7 +20,7 @@ $(VENV)/.deps: pyproject.toml
 
 # Rebuilt when a C++/CUDA source changes; ninja recompiles only what changed.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	. scripts/compiler_cache.sh $(VENV) . && $(VPY) -m pip install -q --no-build-isolation -e ".[test]"
+	eval "$$(sh scripts/compiler_cache.sh $(VENV) .)" && $(VPY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 setup build: $(VENV)/.built

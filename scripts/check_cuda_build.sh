@@ -69,7 +69,7 @@ LOG="$VENV/cuda-build.log"
 step "building in $SCRATCH/src with TORCHFAST_CUDA=1 TORCH_CUDA_ARCH_LIST=$ARCHS TORCHFAST_CPU_ISAS=${TORCHFAST_CPU_ISAS:-DEFAULT} (log: $LOG)"
 # Only the DEFAULT CPU variant: this check is about the CUDA kernels, and each CPU ISA variant costs
 # about a minute of compiling (the CPU build and its tests cover them all).
-if ! (cd "$SCRATCH/src" && . "$ROOT/scripts/compiler_cache.sh" "$VENV" "$ROOT" && TORCHFAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS="${MAX_JOBS:-2}" \
+if ! (cd "$SCRATCH/src" && eval "$(sh "$ROOT/scripts/compiler_cache.sh" "$VENV" "$ROOT")" && TORCHFAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS="${MAX_JOBS:-2}" \
   TORCHFAST_CPU_ISAS="${TORCHFAST_CPU_ISAS:-DEFAULT}" \
   "$VPY" -m pip install -v --no-build-isolation --no-deps . >"$LOG" 2>&1); then
   # The scratch copy is deleted on exit: name the files of this tree in the errors.
