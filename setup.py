@@ -111,6 +111,14 @@ def _nvidia_include_dirs():
 class BuildExtension(ce.BuildExtension):
     """torch's BuildExtension, plus the per-ISA compilation of the `*_kernel.cpp` sources."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        # Objects go to one fixed folder inside the checkout, not the random temporary folder of pip's
+        # editable builds: ninja then recompiles only what changed since the last build, and ccache
+        # (scripts/compiler_cache.sh), which rewrites paths below the checkout to relative ones, finds the
+        # objects of a build made in another clone.
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
     def build_extension(self, ext):
         base = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
         kernels = [os.path.join(ROOT, s) for s in _rel("csrc/ops/*/*_kernel.cpp")]
