@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import torchfast
 from torchfast.testing import TOLERANCES, assert_close
+from torchfast.testing.bounds import norm_grad_slack, sum_slack
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -176,18 +177,10 @@ def _activation(op: str, act_of: Callable[[dict], str | None], no_bias_call, tor
     return mapper
 
 
-def _sum_slack(dtype: torch.dtype, terms: torch.Tensor) -> float:
-    """Error bound of a sum (over dim 0 of `terms`) of terms each computed to the table's relative
-    tolerance of the math type (float32, float64 for float64) and added in it: (rtol + 2 eps) * sum|terms|."""
-    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    rel = TOLERANCES[math_dtype][0] + 2 * torch.finfo(math_dtype).eps
-    return rel * float(terms.abs().nan_to_num(0.0, 0.0, 0.0).sum(0).max()) if terms.numel() else 0.0
-
-
 def _bias_slack(ref_in, g, ref_grads):
     """The bias gradient is the sum over rows of x's gradient."""
     x, b = ref_in
-    return [0.0, _sum_slack(g.dtype, ref_grads[0].reshape(-1, b.shape[0]))]
+    return [0.0, sum_slack(g.dtype, ref_grads[0].reshape(-1, b.shape[0]))]
 
 
 def _no_bias(act: str, kwargs: dict):
@@ -265,28 +258,12 @@ def _norm(op: str, fn, torch_op, n_params: int, default_eps):
 
 
 def _norm_slack(ref_in, g, given: list[bool], k: int, eps, centered: bool) -> list[float]:
-    """Gradient slack of a normalization, per row (xh = normalized x, r = 1/std, gw = g * w, n = row length):
-    dx = r (gw - mean(gw) - xh mean(gw xh)) cancels terms of size r (|gw| + mean|gw| + |xh| mean|gw xh|);
-    dw = sum over rows of g xh, db = sum over rows of g."""
+    """bounds.norm_grad_slack on the sample's rows (its k normalized dims flattened into one)."""
     x, *ps = ref_in
-    n = x.shape[-1] if k == 1 else x[0].numel() if x.dim() == k else x.flatten(-k).shape[-1]
-    xf = x.detach().reshape(-1, n)
-    gf = g.double().reshape(-1, n)
+    flat = (lambda t: t.flatten(-k) if k > 1 else t)
     it = iter(ps)
-    w, b = [next(it).detach().flatten() if here else None for here in given] + [None] * (2 - len(given))
-    xc = xf - xf.mean(-1, keepdim=True) if centered else xf
-    eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps if eps is None else eps
-    r = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
-    xh = xc * r
-    gw = gf if w is None else gf * w
-    dx_terms = r * (gw.abs() + gw.abs().mean(-1, keepdim=True) + xh.abs() * (gw * xh).abs().mean(-1, keepdim=True))
-    # dx is one element's few terms: the relative bound times the largest element's term sum
-    out = [_sum_slack(g.dtype, dx_terms.max().reshape(1, 1)) if dx_terms.numel() else 0.0]
-    if w is not None:
-        out.append(_sum_slack(g.dtype, gf * xh))
-    if b is not None:
-        out.append(_sum_slack(g.dtype, gf))
-    return out
+    w, b = ([next(it).flatten() if here else None for here in given] + [None, None])[:2]
+    return norm_grad_slack(flat(x), flat(g), w, b, eps, centered=centered, dtype=g.dtype)
 
 
 def _norm_error(op: str, fn, n_params: int):
