@@ -21,6 +21,7 @@ asserts it ran its `max_examples`; the counts are in docs/testing.md.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ LAYOUTS = ["contiguous", "transposed", "gaps", "offset", "expanded", "overlappin
 SPECIALS = [math.nan, math.inf, -math.inf, 0.0, -0.0]
 # Row lengths around the vector widths (8 and 16 fp32 lanes, 32 for bf16 pairs) and a few others.
 ROW_LENGTHS = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 65, 100]
-MAX_EXAMPLES = 100  # per op: about 10 s for all five on the loaded 2-core CI machine
+MAX_EXAMPLES = 200  # per op: about 10 s for all five on the loaded 2-core CI machine
 
 SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
                     print_blob=False, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -201,18 +202,31 @@ def view_grad(inp: Input, ref_base, fn, g) -> torch.Tensor:
     return torch.autograd.grad(y, v, g.double())[0] if y.numel() else torch.zeros_like(v)
 
 
-def fuzz(test, strategy):
-    """Run `test` on MAX_EXAMPLES drawn examples; returns how many ran."""
-    ran = []
+def fuzz(test, strategy) -> Counter:
+    """Run `test` on MAX_EXAMPLES drawn examples; returns how often each feature was drawn ("examples",
+    "layout <name>", "dtype <dtype>", "isa <name>", "nonfinite"), so a test can assert its coverage."""
+    seen = Counter()
 
     @SETTINGS
     @given(strategy)
     def prop(example):
-        ran.append(1)
+        dtype, isa, x = example[:3]
+        seen.update(["examples", f"layout {x.layout}", f"dtype {dtype}", f"isa {isa}"]
+                    + (["nonfinite"] if not bool(x.base.isfinite().all()) else []))
         test(*example)
 
     prop()
-    return len(ran)
+    return seen
+
+
+def assert_coverage(seen: Counter, layouts=LAYOUTS) -> None:
+    """Every example ran, and every dtype, ISA variant and layout was drawn, some with NaN/inf: a
+    strategy that stops reaching a case fails here instead of passing on less."""
+    assert seen["examples"] == MAX_EXAMPLES, seen
+    wanted = [f"layout {k}" for k in layouts] + [f"dtype {d}" for d in DTYPES] + [f"isa {i}" for i in ISAS]
+    missing = [w for w in wanted if seen[w] == 0]
+    assert not missing, f"never drawn: {missing} ({dict(seen)})"
+    assert seen["nonfinite"] >= MAX_EXAMPLES // 10, seen
 
 
 common = st.tuples(st.sampled_from(DTYPES), st.sampled_from(ISAS))
@@ -258,11 +272,11 @@ def _activation_test(use_bias_act):
 
 
 def test_fuzz_swish(restore_cpu_isa):
-    assert fuzz(_activation_test(False), activation_cases(False)) == MAX_EXAMPLES
+    assert_coverage(fuzz(_activation_test(False), activation_cases(False)))
 
 
 def test_fuzz_bias_act(restore_cpu_isa):
-    assert fuzz(_activation_test(True), activation_cases(True)) == MAX_EXAMPLES
+    assert_coverage(fuzz(_activation_test(True), activation_cases(True)))
 
 
 @st.composite
@@ -320,11 +334,11 @@ def _norm_test(centered):
 
 
 def test_fuzz_rms_norm(restore_cpu_isa):
-    assert fuzz(_norm_test(False), norm_cases(False)) == MAX_EXAMPLES
+    assert_coverage(fuzz(_norm_test(False), norm_cases(False)))
 
 
 def test_fuzz_layer_norm(restore_cpu_isa):
-    assert fuzz(_norm_test(True), norm_cases(True)) == MAX_EXAMPLES
+    assert_coverage(fuzz(_norm_test(True), norm_cases(True)))
 
 
 @st.composite
@@ -363,4 +377,4 @@ def _cross_entropy_test(dtype, isa, x, target, opts, g):
 
 
 def test_fuzz_cross_entropy(restore_cpu_isa):
-    assert fuzz(_cross_entropy_test, cross_entropy_cases()) == MAX_EXAMPLES
+    assert_coverage(fuzz(_cross_entropy_test, cross_entropy_cases()))
