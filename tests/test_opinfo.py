@@ -63,3 +63,12 @@ def test_opinfo_error_inputs(infos):
     assert len(rejected) >= 2  # gelu's unknown `approximate`, rms_norm's weight of the wrong shape
     for r in rejected:
         opinfo.check_rejected(r)
+
+
+def test_importing_op_db_leaves_torch_as_it_was(infos):
+    """PyTorch's test utilities freeze torch.backends flags and switch the hypothesis profile when
+    imported; op_infos() undoes that, so tests that run later in the same process are unaffected."""
+    assert len(infos) == len(opinfo.MAPPERS)
+    assert not torch.backends.flags_frozen()
+    hypothesis = pytest.importorskip("hypothesis")
+    assert hypothesis.settings.get_current_profile_name() == "default"

@@ -112,9 +112,34 @@ LARGE_SKIP = "large sample (> 65536 elements): checked in float32 only"
 
 def op_infos() -> dict[str, object]:
     """OpInfo entries of the mapped ops, by name (the default variant of each)."""
+    return {op.name: op for op in _op_db() if op.name in MAPPERS and op.variant_test_name == ""}
+
+
+def _op_db():
+    """PyTorch's op_db, imported without keeping the process-wide changes its test utilities make on
+    import (for PyTorch's own suite), so the tests that run after it in the same process see the same
+    torch as before: torch.backends flags frozen (bare `torch.backends.cudnn.enabled = ...` would raise),
+    TorchScript calls wrapped in a profiling hook, and the hypothesis profile switched to 'dev'."""
+    import torch.backends
+
+    frozen = torch.backends.flags_frozen()
+    script_calls = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
+    try:
+        import hypothesis
+
+        profile = hypothesis.settings.get_current_profile_name()
+    except (ImportError, AttributeError):
+        profile = None
     from torch.testing._internal.common_methods_invocations import op_db
 
-    return {op.name: op for op in op_db if op.name in MAPPERS and op.variant_test_name == ""}
+    if not frozen and torch.backends.flags_frozen():
+        # the flag lives in the globals of the module's functions (torch.backends' module object is
+        # not the dict they read), and has no public setter
+        torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__ = script_calls
+    if profile is not None:
+        hypothesis.settings.load_profile(profile)
+    return op_db
 
 
 def _describe(t) -> str:
