@@ -15,8 +15,10 @@ namespace torchfast::launch {
 constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();  // 2^31 - 1 blocks
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int kWarp = 32;
-// The largest block a row kernel gets. Row kernels carry __launch_bounds__(kMaxRowThreads), so ptxas keeps
-// them within 64K / 1024 = 64 registers per thread: a block of this size can always be launched.
+// The largest block a row kernel gets. Row kernels carry __launch_bounds__(kMaxRowThreads, 1), so ptxas
+// keeps them within 64K / 1024 = 64 registers per thread: a block of this size can always be launched.
+// (The second argument, one resident block per SM, matters: with the first alone ptxas aimed at two and
+// squeezed layer_norm's kernels into 32 registers with spills.)
 constexpr int kMaxRowThreads = 1024;
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 // Threads per block of the elementwise and bias_act / glu row-map kernels.

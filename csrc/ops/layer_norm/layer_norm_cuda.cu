@@ -24,7 +24,7 @@ namespace {
 using cuda::Sums;
 
 template <int N, typename T, typename W>
-__global__ void __launch_bounds__(launch::kMaxRowThreads)
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
 layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, const W* __restrict__ b,
                       T* __restrict__ y, at::opmath_type<T>* __restrict__ mean,
                       at::opmath_type<T>* __restrict__ rstd, int64_t rows, int64_t n, double eps) {
@@ -76,7 +76,7 @@ layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, const W*
 }
 
 template <int N, typename T, typename W>
-__global__ void __launch_bounds__(launch::kMaxRowThreads)
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
 layer_norm_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const W* __restrict__ w,
                       const at::opmath_type<T>* __restrict__ mean,
                       const at::opmath_type<T>* __restrict__ rstd, T* __restrict__ dx,

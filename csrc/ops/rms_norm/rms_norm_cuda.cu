@@ -23,7 +23,7 @@ namespace {
 using cuda::Sums;
 
 template <int N, typename T, typename W>
-__global__ void __launch_bounds__(launch::kMaxRowThreads)
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
 rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                     const W* __restrict__ w, T* __restrict__ y, T* __restrict__ h,
                     at::opmath_type<T>* __restrict__ rstd, int64_t rows, int64_t n, double eps) {
@@ -68,7 +68,7 @@ rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
 }
 
 template <int N, typename T, typename W>
-__global__ void __launch_bounds__(launch::kMaxRowThreads)
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
 rms_norm_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const W* __restrict__ w,
                     const at::opmath_type<T>* __restrict__ rstd, const T* __restrict__ gsum,
                     T* __restrict__ dx, at::opmath_type<T>* __restrict__ partial_dw,
