@@ -42,6 +42,12 @@ def _static(shape, what: str) -> list[int]:
     return dims
 
 
+def _pair_shape(rank: int, r: int, split: bool = True) -> list[int]:
+    """Reshape targets [..., R/2, 2] (split) and back to [..., R]: 0 keeps a leading dimension, -1 takes
+    the one before the features (the TorchScript exporter's shape inference needs one -1)."""
+    return [0] * (rank - 2) + [-1] + ([r // 2, 2] if split else [r])
+
+
 # ---- dynamo exporter (onnxscript ops) ---------------------------------------------------------------
 
 def _ints(op, values):
@@ -55,10 +61,10 @@ def _rotate(op, xr, rank: int, r: int, interleaved: bool):
         x1 = op.Slice(xr, _ints(op, [0]), _ints(op, [h]), last)
         x2 = op.Slice(xr, _ints(op, [h]), _ints(op, [r]), last)
         return op.Concat(op.Neg(x2), x1, axis=-1)
-    pairs = op.Reshape(xr, _ints(op, [0] * (rank - 1) + [r // 2, 2]))
+    pairs = op.Reshape(xr, _ints(op, _pair_shape(rank, r)))
     even = op.Slice(pairs, _ints(op, [0]), _ints(op, [1]), last)
     odd = op.Slice(pairs, _ints(op, [1]), _ints(op, [2]), last)
-    return op.Reshape(op.Concat(op.Neg(odd), even, axis=-1), _ints(op, [0] * (rank - 1) + [r]))
+    return op.Reshape(op.Concat(op.Neg(odd), even, axis=-1), _ints(op, _pair_shape(rank, r, False)))
 
 
 def _standard(op, x, cu, su, r: int, interleaved: bool):
@@ -99,8 +105,9 @@ def rope_onnx(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
     return _standard(op, q, cu, su, r, interleaved), _standard(op, k, cu, su, r, interleaved)
 
 
-def _rotary(op, x, cos_h, sin_h, p: int, r: int, interleaved: bool):
-    """RotaryEmbedding of x ([B, H, T, D] for p = 1, [B, T, H, D] for p = 2) with cos/sin [B?, T, R/2]."""
+def _rotary(op, x, cos_h, sin_h, cs_dtype, p: int, r: int, interleaved: bool):
+    """RotaryEmbedding of x ([B, H, T, D] for p = 1, [B, T, H, D] for p = 2) with cos/sin [B?, T, R/2] of
+    onnx_ir dtype cs_dtype (sliced values carry no dtype of their own while the graph is built)."""
     from onnx_ir import DataType
 
     from torchfast.ops._norm import onnx_math_type
@@ -108,9 +115,9 @@ def _rotary(op, x, cos_h, sin_h, p: int, r: int, interleaved: bool):
     dims = _static(x.shape, "q/k")
     d = dims[-1]
     math, low = onnx_math_type(x.dtype)
-    cast = low and cos_h.dtype == DataType.FLOAT
+    cast = low and cs_dtype == DataType.FLOAT
     xin = op.Cast(x, to=math) if cast else x
-    c, s = (cos_h, sin_h) if cast or cos_h.dtype == x.dtype else (op.Cast(cos_h, to=x.dtype), op.Cast(sin_h, to=x.dtype))
+    c, s = (cos_h, sin_h) if cast or cs_dtype == x.dtype else (op.Cast(cos_h, to=x.dtype), op.Cast(sin_h, to=x.dtype))
     # [B, T, R/2] with x's batch: onnxruntime does not broadcast a cos/sin batch of 1.
     batch = op.Slice(op.Shape(x), _ints(op, [0]), _ints(op, [1]))
     full = op.Concat(batch, op.Slice(op.Shape(c), _ints(op, [1]), _ints(op, [3])), axis=0)
@@ -141,7 +148,8 @@ def rope_onnx_23(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
     half = (_ints(op, [0]), _ints(op, [r]), _ints(op, [-1]), _ints(op, [2])) if interleaved else \
         (_ints(op, [0]), _ints(op, [r // 2]), _ints(op, [-1]))
     cos_h, sin_h = op.Slice(cos, *half), op.Slice(sin, *half)
-    return (_rotary(op, q, cos_h, sin_h, p, r, interleaved), _rotary(op, k, cos_h, sin_h, p, r, interleaved))
+    return (_rotary(op, q, cos_h, sin_h, cos.dtype, p, r, interleaved),
+            _rotary(op, k, cos_h, sin_h, cos.dtype, p, r, interleaved))
 
 
 # ---- TorchScript exporter (torch._C graph) ----------------------------------------------------------
@@ -178,9 +186,9 @@ def _ts_standard(g, x, cu, su, r: int, interleaved: bool, math):
     xr = x if r == d else _ts_slice(g, x, 0, r)
     xf = ts_cast(g, xr, math) if low else xr
     if interleaved:
-        pairs = g.op("Reshape", xf, _ts_shape(g, [0] * (rank - 1) + [r // 2, 2]))
+        pairs = g.op("Reshape", xf, _ts_shape(g, _pair_shape(rank, r)))
         rot = g.op("Concat", g.op("Neg", _ts_slice(g, pairs, 1, 2)), _ts_slice(g, pairs, 0, 1), axis_i=-1)
-        rot = g.op("Reshape", rot, _ts_shape(g, [0] * (rank - 1) + [r]))
+        rot = g.op("Reshape", rot, _ts_shape(g, _pair_shape(rank, r, False)))
     else:
         rot = g.op("Concat", g.op("Neg", _ts_slice(g, xf, r // 2, r)), _ts_slice(g, xf, 0, r // 2), axis_i=-1)
     out = g.op("Add", g.op("Mul", xf, cu), g.op("Mul", rot, su))

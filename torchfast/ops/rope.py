@@ -220,7 +220,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     fn = select(SPEC, (q, k, cos, sin), impl).fn
     if not isinstance(interleaved, bool):
         raise TypeError(f"torchfast.rope: interleaved must be a bool, got {type(interleaved).__name__}")
-    check_args("rope", q, k, cos, sin, unsqueeze_dim, "q", "k", dtypes=not _autocast_on(q))
+    if not torch.jit.is_tracing():  # the op checks again; traced sizes would warn on every comparison
+        check_args("rope", q, k, cos, sin, unsqueeze_dim, "q", "k", dtypes=not _autocast_on(q))
     return fn(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, interleaved=interleaved)
 
 
