@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         "summary": s,
         "elapsed_s": elapsed,
     }
-    path = args.json or RESULTS_DIR / f"bench_rope_{args.device}_{threads}t{'_quick' if args.quick else ''}.json"
+    quick = "_quick" if args.quick else ""
+    path = args.json or RESULTS_DIR / f"bench_rope_{args.device}_{threads}t{quick}.json"
     print(f"\nwrote {H.write_json(path, payload)} ({elapsed:.0f} s)")
     return 0
 

@@ -63,7 +63,10 @@ def _check(args, kwargs, dtype, cos_sin_grad=False, impl=None):
     assert qr.stride() == torch.empty_like(q).stride() and kr.stride() == torch.empty_like(k).stride()
     gq, gk = torch.randn_like(qr), torch.randn_like(kr)
     leaves = (q, k, cos, sin) if cos_sin_grad else (q, k)
-    grads = torch.autograd.grad((qr, kr), leaves, (gq, gk)) if qr.numel() else [torch.zeros_like(t) for t in leaves]
+    if qr.numel():
+        grads = torch.autograd.grad((qr, kr), leaves, (gq, gk))
+    else:
+        grads = [torch.zeros_like(t) for t in leaves]
     r64 = [a.detach().double().requires_grad_() for a in (q, k, cos, sin)]
     eq, ek = rope_reference(*r64, **kwargs)
     egrads = torch.autograd.grad((eq, ek), r64[: len(leaves)], (gq.double(), gk.double()), allow_unused=True)
@@ -201,7 +204,8 @@ def test_forward_saves_cos_and_sin_only_unless_they_need_grad():
 def test_autocast_casts_cos_sin_only_where_the_kernel_does_not_take_them():
     q, k = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16), torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
     cos, sin = torch.randn(1, 4, 8, dtype=torch.float64), torch.randn(1, 4, 8, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"torchfast\.rope: 'cos' and 'sin' have dtype torch.float64 but 'q' has "
+    with pytest.raises(TypeError, match=r"torchfast\.rope: 'cos' and 'sin' have dtype torch.float64 but 'q' "
+                                        r"has "
                                         r"dtype torch.bfloat16; they must have q's dtype or float32"):
         torchfast.rope(q, k, cos, sin)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -222,23 +226,29 @@ def _bad(**over):
 # (arguments, error type, message of the public function, message of the C++ kernel: it prints dtypes
 # the c10 way, "Float")
 BAD = [
-    (_bad(q=torch.ones(2, 3, 5, 8, dtype=torch.int64)), TypeError, r"rope: argument 'q' has dtype torch.int64",
+    (_bad(q=torch.ones(2, 3, 5, 8, dtype=torch.int64)), TypeError,
+     r"rope: argument 'q' has dtype torch.int64",
      None),
     (_bad(k=torch.randn(2, 1, 5, 8, dtype=torch.float64)), TypeError,
      r"rope: 'q' has dtype torch.float32 but 'k' has dtype torch.float64; they must match",
      r"rope: 'q' has dtype Float but 'k' has dtype Double; they must match"),
-    (_bad(cos=torch.randn(2, 5, 8, dtype=torch.float16), sin=torch.randn(2, 5, 8, dtype=torch.float16)), TypeError,
-     r"rope: 'cos' and 'sin' have dtype torch.float16 but 'q' has dtype torch.float32; they must have q's dtype$",
+    (_bad(cos=torch.randn(2, 5, 8, dtype=torch.float16), sin=torch.randn(2, 5, 8, dtype=torch.float16)),
+     TypeError,
+     r"rope: 'cos' and 'sin' have dtype torch.float16 but 'q' has dtype torch.float32; "
+     r"they must have q's dtype$",
      r"rope: 'cos' and 'sin' have dtype Half but 'q' has dtype Float; they must have q's dtype$"),
-    (_bad(sin=torch.randn(2, 5, 6)), RuntimeError, r"rope: 'cos' has shape \[2, 5, 8\] but 'sin' has shape \[2, 5, 6\]",
+    (_bad(sin=torch.randn(2, 5, 6)), RuntimeError,
+     r"rope: 'cos' has shape \[2, 5, 8\] but 'sin' has shape \[2, 5, 6\]",
      "same"),
-    (_bad(cos=torch.randn(2, 5, 7), sin=torch.randn(2, 5, 7)), ValueError, r"rope: 'cos' has 7 features .* even",
+    (_bad(cos=torch.randn(2, 5, 7), sin=torch.randn(2, 5, 7)), ValueError,
+     r"rope: 'cos' has 7 features .* even",
      "same"),
     (_bad(cos=torch.randn(2, 5, 10), sin=torch.randn(2, 5, 10)), RuntimeError,
      r"rope: 'cos' unsqueezed to \[2, 1, 5, 10\] does not broadcast to 'q' of shape \[2, 3, 5, 8\]", "same"),
     (_bad(cos=torch.randn(2, 4, 8), sin=torch.randn(2, 4, 8)), RuntimeError,
      r"rope: 'cos' unsqueezed to \[2, 1, 4, 8\] does not broadcast to 'q'", "same"),
-    (_bad(unsqueeze_dim=3), ValueError, r"rope: unsqueeze_dim=3 is out of range for 'cos' of 3 dimensions", "same"),
+    (_bad(unsqueeze_dim=3), ValueError, r"rope: unsqueeze_dim=3 is out of range for 'cos' of 3 dimensions",
+     "same"),
     (_bad(unsqueeze_dim=-1), ValueError, r"rope: unsqueeze_dim=-1 is out of range .* \[-4, 2\]", "same"),
 ]
 

@@ -71,7 +71,9 @@ def test_differentiable_rope_gradients_match_reference():
 def test_launcher_refuses_bad_arguments_naming_them():
     q = torch.randn(1, 2, 3, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"torchfast\.rope: 'cos' has 7 features"):
-        trope.rope_fwd(q, q, torch.randn(3, 7, device=DEVICE), torch.randn(3, 7, device=DEVICE), unsqueeze_dim=0)
-    with pytest.raises(TypeError, match=r"torchfast\.rope_backward: 'grad_q' has dtype torch.float32 but 'grad_k'"):
+        trope.rope_fwd(q, q, torch.randn(3, 7, device=DEVICE), torch.randn(3, 7, device=DEVICE),
+                       unsqueeze_dim=0)
+    with pytest.raises(TypeError,
+                       match=r"torchfast\.rope_backward: 'grad_q' has dtype torch.float32 but 'grad_k'"):
         trope.rope_bwd(q, q.double(), torch.randn(3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE),
                        unsqueeze_dim=0)

@@ -35,10 +35,13 @@ def _position(unsqueeze_dim: int, cos_rank: int) -> int:
 
 
 def _static(shape, what: str) -> list[int]:
-    dims = [d if isinstance(d, int) else getattr(d, "value", None) for d in shape] if shape is not None else None
+    if shape is None:
+        dims = None
+    else:
+        dims = [d if isinstance(d, int) else getattr(d, "value", None) for d in shape]
     if dims is None or any(not isinstance(d, int) for d in dims[-1:]):
-        raise RuntimeError(f"torchfast.rope ONNX export: the last dimension of '{what}' must be known at export "
-                           f"(got shape {shape})")
+        raise RuntimeError(f"torchfast.rope ONNX export: the last dimension of '{what}' must be known at "
+                           f"export (got shape {shape})")
     return dims
 
 
@@ -117,7 +120,9 @@ def _rotary(op, x, cos_h, sin_h, cs_dtype, p: int, r: int, interleaved: bool):
     math, low = onnx_math_type(x.dtype)
     cast = low and cs_dtype == DataType.FLOAT
     xin = op.Cast(x, to=math) if cast else x
-    c, s = (cos_h, sin_h) if cast or cs_dtype == x.dtype else (op.Cast(cos_h, to=x.dtype), op.Cast(sin_h, to=x.dtype))
+    c, s = cos_h, sin_h
+    if not cast and cs_dtype != x.dtype:
+        c, s = op.Cast(cos_h, to=x.dtype), op.Cast(sin_h, to=x.dtype)
     # [B, T, R/2] with x's batch: onnxruntime does not broadcast a cos/sin batch of 1.
     batch = op.Slice(op.Shape(x), _ints(op, [0]), _ints(op, [1]))
     full = op.Concat(batch, op.Slice(op.Shape(c), _ints(op, [1]), _ints(op, [3])), axis=0)
@@ -159,8 +164,8 @@ def _ts_sizes(v, what: str) -> list:
 
     sizes = symbolic_helper._get_tensor_sizes(v)
     if not sizes or sizes[-1] is None:
-        raise RuntimeError(f"torchfast.rope ONNX export: the last dimension of '{what}' must be known at export "
-                           f"(got sizes {sizes})")
+        raise RuntimeError(f"torchfast.rope ONNX export: the last dimension of '{what}' must be known at "
+                           f"export (got sizes {sizes})")
     return sizes
 
 

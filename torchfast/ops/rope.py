@@ -159,8 +159,10 @@ def _sample_inputs(device, dtype):
 
     return [
         ((make(1, 2, 3, 8), make(1, 1, 3, 8), *cs(1, 3, 8)), {}),  # [B, H, T, D]
-        ((make(1, 3, 2, 4), make(1, 3, 1, 4), *cs(3, 4)), {"unsqueeze_dim": 1, "interleaved": True}),  # [B, T, H, D]
-        ((make(1, 3, 2, 76).transpose(1, 2), make(1, 1, 3, 76), *cs(3, 70, dt=cs_dtype)), {"unsqueeze_dim": 0}),
+        # [B, T, H, D]
+        ((make(1, 3, 2, 4), make(1, 3, 1, 4), *cs(3, 4)), {"unsqueeze_dim": 1, "interleaved": True}),
+        ((make(1, 3, 2, 76).transpose(1, 2), make(1, 1, 3, 76), *cs(3, 70, dt=cs_dtype)),
+         {"unsqueeze_dim": 0}),
         ((make(0, 2, 3, 8), make(0, 1, 3, 8), *cs(0, 3, 8)), {}),
     ]
 
@@ -174,7 +176,8 @@ SPEC = register(
         reference=rope_reference,
         arg_names=("q", "k", "cos", "sin"),
         impls=[
-            Impl("native", _native, ("cpu", "cuda", "meta"), unavailable=_library.native_unavailable("torchfast::rope")),
+            Impl("native", _native, ("cpu", "cuda", "meta"),
+                 unavailable=_library.native_unavailable("torchfast::rope")),
             Impl("triton", _triton, ("cuda", "cpu"), unavailable=_triton_unavailable),
             Impl("reference", rope_reference, _REF_DEVICES, auto=False),
         ],

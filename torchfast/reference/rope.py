@@ -8,7 +8,8 @@ For one head vector x of width D and cos/sin rows of width R (R even, R <= D):
 
 with rotate the layout's quarter turn of each pair:
     rotate-half (transformers' `rotate_half`, Llama/NeoX): pairs (i, i + R/2),  rotate(x) = cat(-x2, x1)
-    interleaved (GPT-J, `rotate_every_two`):               pairs (2i, 2i + 1),  rotate(x)[2i:2i+2] = (-x[2i+1], x[2i])
+    interleaved (GPT-J, `rotate_every_two`):               pairs (2i, 2i + 1),
+        rotate(x)[2i:2i+2] = (-x[2i+1], x[2i])
 
 cos/sin are broadcast to x as transformers' `apply_rotary_pos_emb` does: `cos.unsqueeze(unsqueeze_dim)`
 (1 for [B, H, T, D] with cos [B, T, R]; 2 for [B, T, H, D]).
@@ -35,7 +36,8 @@ def rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, transpose: bool) -> torch.Tensor:
+def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+           transpose: bool) -> torch.Tensor:
     r = cos.shape[-1]
     xr = x[..., :r]
     if transpose:
@@ -54,8 +56,9 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     return _apply(q, cos, sin, interleaved, False), _apply(k, cos, sin, interleaved, False)
 
 
-def rope_backward_reference(grad_q: torch.Tensor, grad_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-                            unsqueeze_dim: int = 1, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_backward_reference(grad_q: torch.Tensor, grad_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            *, unsqueeze_dim: int = 1,
+                            interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of q and k given those of q_rot and k_rot: the transposed rotation."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return _apply(grad_q, cos, sin, interleaved, True), _apply(grad_k, cos, sin, interleaved, True)
@@ -96,13 +99,15 @@ def check_args(op: str, a, b, cos, sin, unsqueeze_dim, an: str, bn: str, dtypes:
 
 def _check_dtypes(op: str, a, b, cos, sin, an: str, bn: str) -> None:
     if b.dtype != a.dtype:
-        raise TypeError(f"torchfast.{op}: '{an}' has dtype {a.dtype} but '{bn}' has dtype {b.dtype}; they must match")
+        raise TypeError(f"torchfast.{op}: '{an}' has dtype {a.dtype} but '{bn}' has dtype {b.dtype}; "
+                        "they must match")
     if sin.dtype != cos.dtype:
         raise TypeError(f"torchfast.{op}: 'cos' has dtype {cos.dtype} but 'sin' has dtype {sin.dtype}; "
                         "they must match")
     reduced = a.dtype in REDUCED
     if cos.dtype != a.dtype and not (reduced and cos.dtype == torch.float32):
-        raise TypeError(f"torchfast.{op}: 'cos' and 'sin' have dtype {cos.dtype} but '{an}' has dtype {a.dtype}; "
+        raise TypeError(f"torchfast.{op}: 'cos' and 'sin' have dtype {cos.dtype} but '{an}' has dtype "
+                        f"{a.dtype}; "
                         f"they must have {an}'s dtype" + (" or float32" if reduced else ""))
 
 
@@ -118,8 +123,9 @@ def _check_shapes(op: str, a, b, cos, sin, unsqueeze_dim, an: str, bn: str) -> N
     n = cos.dim() + 1
     p = unsqueeze_dim + n if unsqueeze_dim < 0 else unsqueeze_dim
     if not 0 <= p <= cos.dim() - 1:
-        raise ValueError(f"torchfast.{op}: unsqueeze_dim={unsqueeze_dim} is out of range for 'cos' of {cos.dim()} "
-                         "dimensions; cos.unsqueeze(unsqueeze_dim) must keep the features last, so it must be in "
+        raise ValueError(f"torchfast.{op}: unsqueeze_dim={unsqueeze_dim} is out of range for 'cos' of "
+                         f"{cos.dim()} dimensions; cos.unsqueeze(unsqueeze_dim) must keep the features last, "
+                         "so it must be in "
                          f"[{-n}, {cos.dim() - 1}]")
     r = cos.shape[-1]
     if r % 2:
@@ -130,9 +136,10 @@ def _check_shapes(op: str, a, b, cos, sin, unsqueeze_dim, an: str, bn: str) -> N
         ok = x.dim() >= len(cos_u) and x.shape[-1] >= r
         ok = ok and all(c == 1 or c == s for c, s in zip(cos_u[:-1], x.shape[x.dim() - len(cos_u):-1]))
         if not ok:
-            raise RuntimeError(f"torchfast.{op}: 'cos' unsqueezed to {list(cos_u)} does not broadcast to '{name}' "
-                               f"of shape {list(x.shape)}: its leading dimensions must be 1 or equal to {name}'s, "
-                               f"and its last ({r}, the rotated features) at most {name}'s head dimension")
+            raise RuntimeError(f"torchfast.{op}: 'cos' unsqueezed to {list(cos_u)} does not broadcast to "
+                               f"'{name}' of shape {list(x.shape)}: its leading dimensions must be 1 or "
+                               f"equal to {name}'s, and its last ({r}, the rotated features) at most "
+                               f"{name}'s head dimension")
 
 
 def autocast_args(q, k, cos, sin, *args, **kwargs):

@@ -93,7 +93,8 @@ def _dims(x: torch.Tensor, out: torch.Tensor, cs: torch.Tensor):
         if n == 1:
             continue
         c = cs.stride(d - off) if d >= off and cs.shape[d - off] != 1 else 0
-        if dims and dims[-1][1] == x.stride(d) * n and dims[-1][2] == out.stride(d) * n and dims[-1][3] == c * n:
+        last = dims[-1] if dims else None
+        if last and last[1] == x.stride(d) * n and last[2] == out.stride(d) * n and last[3] == c * n:
             dims[-1] = [dims[-1][0] * n, x.stride(d), out.stride(d), c]
         else:
             dims.append([n, x.stride(d), out.stride(d), c])
@@ -121,8 +122,11 @@ def _launch(x: torch.Tensor, cos_u: torch.Tensor, sin_u: torch.Tensor, interleav
     r = c.shape[-1]
     grid = (triton.cdiv(rows, _ROWS),)
     wrap_triton(_rope_kernel)[grid](
-        xs, work, c, s, rows, dims[1][0], dims[2][0], dims[0][1], dims[1][1], dims[2][1], dims[0][2], dims[1][2],
-        dims[2][2], dims[0][3], dims[1][3], dims[2][3], xs.shape[-1], r, ROWS=_ROWS,
+        xs, work, c, s, rows, dims[1][0], dims[2][0],
+        dims[0][1], dims[1][1], dims[2][1],  # x strides
+        dims[0][2], dims[1][2], dims[2][2],  # out strides
+        dims[0][3], dims[1][3], dims[2][3],  # cos/sin strides
+        xs.shape[-1], r, ROWS=_ROWS,
         BLOCK_H=max(triton.next_power_of_2(r // 2), 1), BLOCK_PASS=_BLOCK_PASS, INTERLEAVED=interleaved,
         TRANSPOSE=transpose, F64=x.dtype == torch.float64)
     if work is not out:
@@ -134,8 +138,8 @@ def _apply(a, b, cos, sin, unsqueeze_dim, interleaved, transpose, op, an, bn):
     check_args(op, a, b, cos, sin, unsqueeze_dim, an, bn)
     for name, t in ((an, a), (bn, b), ("cos", cos), ("sin", sin)):
         if t.device != a.device:
-            raise RuntimeError(f"torchfast.{op}: '{an}' is on {a.device} but '{name}' is on {t.device}; they must "
-                               "be on the same device")
+            raise RuntimeError(f"torchfast.{op}: '{an}' is on {a.device} but '{name}' is on {t.device}; "
+                               "they must be on the same device")
         why = unavailable_reason(t.device.type)
         if why:
             raise RuntimeError(f"torchfast.{op} (triton): argument '{name}' is on {t.device}: {why}")
@@ -143,7 +147,7 @@ def _apply(a, b, cos, sin, unsqueeze_dim, interleaved, transpose, op, an, bn):
     if cos.stride() != sin.stride() or (cos.shape[-1] > 1 and cos.stride(-1) != 1):
         cos, sin = cos.contiguous(), sin.contiguous()
     cos_u, sin_u = cos.unsqueeze(p), sin.unsqueeze(p)
-    return (_launch(a, cos_u, sin_u, interleaved, transpose), _launch(b, cos_u, sin_u, interleaved, transpose))
+    return _launch(a, cos_u, sin_u, interleaved, transpose), _launch(b, cos_u, sin_u, interleaved, transpose)
 
 
 def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1,
@@ -155,7 +159,8 @@ def rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 def rope_bwd(grad_q: torch.Tensor, grad_k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              unsqueeze_dim: int = 1, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of q and k: the transposed rotation (by -sin for RoPE's cos/sin)."""
-    return _apply(grad_q, grad_k, cos, sin, unsqueeze_dim, interleaved, True, "rope_backward", "grad_q", "grad_k")
+    return _apply(grad_q, grad_k, cos, sin, unsqueeze_dim, interleaved, True, "rope_backward", "grad_q",
+                  "grad_k")
 
 
 rope_triton = triton_op("torchfast::rope_triton", rope_fwd, mutates_args=())
