@@ -46,6 +46,12 @@ _RULES: dict[str, tuple[Callable, tuple[str, ...]]] = {}
 _registered = False
 
 
+def is_dtensor(t) -> bool:
+    """Whether t is a DTensor, without importing torch.distributed.tensor (no DTensor exists before)."""
+    mod = sys.modules.get(_DT)
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
 def _rule(*ops: str, static: tuple[str, ...] = ()):
     """Register `fn` as the single-mesh-dimension rule of the torchfast ops `ops`. fn gets the op's
     arguments (tensors as DTensorSpecs: `.ndim`, `.shape`, `.placements`) and returns a list of
