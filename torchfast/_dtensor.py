@@ -37,7 +37,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -195,7 +195,7 @@ def _add_rms_norm(x, residual, weight, eps):
 def _add_rms_norm_backward(grad_out, grad_h, h, weight, rstd):
     S, R, P = _p()
     args = (grad_out, grad_h, h, weight, rstd)
-    out_r, in_r = _replicate_all(2, args)
+    in_r = _replicate_all(2, args)[1]
     # grad_h is added to dh: Partial only with grad_out Partial too.
     part = ([P, _opt(weight, P)], [P, _opt(grad_h, P), R, _opt(weight, R), R])
     return [([R, _opt(weight, R)], in_r), part] + [
@@ -238,7 +238,7 @@ def _cos_placement(x, cos, unsqueeze_dim: int, d: int):
 
 
 def _rope_rules(a, b, cos, sin, unsqueeze_dim):
-    S, R, _ = _p()
+    S, _, _ = _p()
     rules = [_replicate_all(2, (a, b, cos, sin))]
     # Shard q and k on the same dimension counted from the right (their ranks may differ only in
     # leading dimensions), never the head dimension (the rotation pairs features within it).

@@ -52,21 +52,24 @@ def _check_module(key: str, name: str, module: nn.Module, style, size: int) -> N
     kind = type(style).__name__
     if not isinstance(module, (nn.Linear, nn.Embedding)):
         linears = [n for n, m in module.named_modules() if n and isinstance(m, (nn.Linear, nn.Embedding))]
-        hint = f"; plan its projections instead ({', '.join(repr(f'{name}.{n}') for n in linears[:4])})" if linears else ""
-        raise ValueError(
+        names = ", ".join(repr(f"{name}.{n}") for n in linears[:4])
+        hint = f"; plan its projections instead ({names})" if linears else ""
+        raise TypeError(
             f"torchfast.distributed.parallelize: module '{name}' ({type(module).__name__}, plan key {key!r}) "
             f"cannot be sharded by {kind}: it shards the weight of an nn.Linear or nn.Embedding{hint}")
     colwise = isinstance(style, Colwise)
     if isinstance(module, nn.Linear):
-        dim, what, n = (0, "out_features", module.out_features) if colwise else (1, "in_features", module.in_features)
+        dim, what, n = ((0, "out_features", module.out_features) if colwise
+                        else (1, "in_features", module.in_features))
     else:
         dim, what, n = (1, "embedding_dim", module.embedding_dim) if colwise else (0, "num_embeddings",
                                                                                     module.num_embeddings)
     if n % size:
         raise ValueError(
-            f"torchfast.distributed.parallelize: module '{name}' ({type(module).__name__}, plan key {key!r}): "
-            f"{kind} shards dimension {dim} of its weight ({what}={n}) over the {size} ranks of the mesh, and "
-            f"{n} is not divisible by {size}; pick a mesh size that divides it or pad the layer")
+            f"torchfast.distributed.parallelize: module '{name}' ({type(module).__name__}, plan key "
+            f"{key!r}): {kind} shards dimension {dim} of its weight ({what}={n}) over the {size} ranks of "
+            f"the mesh, and {n} is not divisible by {size}; pick a mesh size that divides it or pad the "
+            "layer")
 
 
 def parallelize(model: nn.Module, mesh, plan: dict) -> nn.Module:
@@ -80,7 +83,8 @@ def parallelize(model: nn.Module, mesh, plan: dict) -> nn.Module:
       one), whose sharded dimension (Colwise: out_features / embedding_dim; Rowwise: in_features /
       num_embeddings) the mesh size divides.
 
-    Each failure is a ValueError naming the module, the plan key and the dimension. `mesh` is a 1-D
+    Each failure is a ValueError (TypeError for a module of the wrong kind) naming the module, the plan
+    key and the dimension. `mesh` is a 1-D
     DeviceMesh (or the tensor-parallel dimension of a larger one). Returns the model, parallelized in
     place. torchfast ops on the resulting DTensors run through their sharding rules.
     """
@@ -90,16 +94,16 @@ def parallelize(model: nn.Module, mesh, plan: dict) -> nn.Module:
         raise TypeError("torchfast.distributed.parallelize: argument 'plan' must be a non-empty dict of "
                         f"module name -> ParallelStyle, got {type(plan).__name__}")
     if mesh.ndim != 1:
-        raise ValueError(f"torchfast.distributed.parallelize: argument 'mesh' has {mesh.ndim} dimensions; pass "
-                         "the 1-D tensor-parallel mesh (mesh['tp'] of a 2-D mesh)")
+        raise ValueError(f"torchfast.distributed.parallelize: argument 'mesh' has {mesh.ndim} dimensions; "
+                         "pass the 1-D tensor-parallel mesh (mesh['tp'] of a 2-D mesh)")
     _check_not_wrapped(model)
     size = mesh.size()
     named = list(model.named_modules())
     for key, style in plan.items():
         hits = [(n, m) for n, m in named if _matches(key, n)]
         if not hits:
-            raise ValueError(f"torchfast.distributed.parallelize: plan key {key!r} names no module of the model "
-                             f"({type(model).__name__})")
+            raise ValueError(f"torchfast.distributed.parallelize: plan key {key!r} names no module of the "
+                             f"model ({type(model).__name__})")
         for name, module in hits:
             _check_module(key, name, module, style, size)
     return parallelize_module(model, mesh, plan)
@@ -112,16 +116,20 @@ def _check_not_wrapped(model: nn.Module) -> None:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
         FSDPModule = ()
+    why = None
     for name, m in model.named_modules():
         where = f"module '{name or '<root>'}'"
         if isinstance(m, DistributedDataParallel):
-            raise ValueError(f"torchfast.distributed.parallelize: {where} is a DistributedDataParallel; apply "
-                             "tensor parallelism to the bare model (DDP does not take DTensor parameters)")
-        if isinstance(m, FSDPModule):
-            raise ValueError(f"torchfast.distributed.parallelize: {where} ({type(m).__name__}) is already sharded "
-                             "by FSDP; apply "
-                             "tensor parallelism first, then fully_shard over the other mesh dimension")
+            why = (f"{where} is a DistributedDataParallel; apply tensor parallelism to the bare model (DDP "
+                   "does not take DTensor parameters)")
+        elif isinstance(m, FSDPModule):
+            why = (f"{where} ({type(m).__name__}) is already sharded by FSDP; apply tensor parallelism "
+                   "first, then fully_shard over the other mesh dimension")
+        if why:
+            break
     for pname, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            raise ValueError(f"torchfast.distributed.parallelize: parameter '{pname}' is already a DTensor "
-                             f"(placements {list(p.placements)}); the model was parallelized or sharded before")
+        if why is None and isinstance(p, DTensor):
+            why = (f"parameter '{pname}' is already a DTensor (placements {list(p.placements)}); the model "
+                   "was parallelized or sharded before")
+    if why:
+        raise ValueError(f"torchfast.distributed.parallelize: {why}")

@@ -33,9 +33,9 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torchfast  # noqa: E402
-from torchfast import _dtensor  # noqa: E402
-from torchfast.ops.rope import rope_cache  # noqa: E402
+import torchfast
+from torchfast import _dtensor
+from torchfast.ops.rope import rope_cache
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -68,7 +68,7 @@ def comms(mode: CommDebugMode) -> dict[str, int]:
 def op_cases() -> list[tuple[str, str, tuple, dict]]:
     """(case name, op name, global args, kwargs): float64, small, seeded (the same on both ranks)."""
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)
     ops = torch.ops.torchfast
     x, gy = r(4, 6, 8), r(4, 6, 8)
     w, b = r(8) * 0.5 + 1, r(8)
@@ -183,15 +183,15 @@ def run_rules() -> dict:
 
 # ---- plans: tensor-parallel models of torchfast modules against plain PyTorch ----------------------------
 
-from torch import nn  # noqa: E402
-from torch.distributed.tensor.parallel import (  # noqa: E402
+from torch import nn
+from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     RowwiseParallel,
     parallelize_module,
 )
 
-from torchfast.distributed import SequenceParallel  # noqa: E402  (several tensor inputs: AddRMSNorm)
+from torchfast.distributed import SequenceParallel
 
 VOCAB, HIDDEN, HEADS, INTER, SEQ, BATCH = 48, 32, 4, 64, 8, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -205,7 +205,8 @@ def rotate_half(x):
 class PlainSwiGLU(nn.Module):
     def __init__(self):
         super().__init__()
-        self.gate_proj, self.up_proj = nn.Linear(HIDDEN, INTER, bias=False), nn.Linear(HIDDEN, INTER, bias=False)
+        self.gate_proj = nn.Linear(HIDDEN, INTER, bias=False)
+        self.up_proj = nn.Linear(HIDDEN, INTER, bias=False)
         self.down_proj = nn.Linear(INTER, HIDDEN, bias=False)
 
     def forward(self, x):
@@ -223,9 +224,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         b, s, _ = x.shape
-        q, k, v = (p(x).view(b, s, -1, HEAD_DIM).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(b, s, -1, HEAD_DIM).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         if isinstance(q, DTensor):  # the rotary tables: the same on every rank
-            cos, sin = (DTensor.from_local(t, q.device_mesh, [Replicate()], run_check=False) for t in (cos, sin))
+            cos, sin = (DTensor.from_local(t, q.device_mesh, [Replicate()], run_check=False)
+                        for t in (cos, sin))
         if self.fused:
             q, k = torchfast.rope(q, k, cos, sin)
         else:
@@ -234,7 +237,8 @@ class Attention(nn.Module):
         if isinstance(q, DTensor):
             # torch 2.13 has no DTensor rule for CPU attention (_scaled_dot_product_flash_attention_for_cpu);
             # each rank attends over its own heads, which is what a rule would do (both models alike).
-            y = nn.functional.scaled_dot_product_attention(q.to_local(), k.to_local(), v.to_local(), is_causal=True)
+            y = nn.functional.scaled_dot_product_attention(q.to_local(), k.to_local(), v.to_local(),
+                                                           is_causal=True)
             y = DTensor.from_local(y, q.device_mesh, q.placements, run_check=False)
         else:
             y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -245,7 +249,8 @@ class LlamaBlock(nn.Module):
     def __init__(self, fused: bool):
         super().__init__()
         self.fused = fused
-        self.input_layernorm = torchfast.nn.RMSNorm(HIDDEN, eps=1e-6) if fused else nn.RMSNorm(HIDDEN, eps=1e-6)
+        self.input_layernorm = (torchfast.nn.RMSNorm(HIDDEN, eps=1e-6) if fused
+                                else nn.RMSNorm(HIDDEN, eps=1e-6))
         self.self_attn = Attention(fused)
         self.post_attention_layernorm = (torchfast.nn.AddRMSNorm(HIDDEN, eps=1e-6) if fused
                                          else nn.RMSNorm(HIDDEN, eps=1e-6))
@@ -295,7 +300,7 @@ class TPModel(nn.Module):
             h = layer(h, cos, sin)
         logits = self.lm_head(self.norm(h))
         target = tokens[:, 1:].clone()
-        target[0, :3] = -100  # padding, all in rank 0's tokens: the mean must count the valid ones of all ranks
+        target[0, :3] = -100  # padding, all in rank 0's tokens: the mean counts the valid ones of all ranks
         if isinstance(logits, DTensor) and not isinstance(target, DTensor):
             target = distribute_tensor(target, logits.device_mesh, logits.placements)
         if self.loss_fn is not None:
@@ -316,7 +321,8 @@ def tp_plan(model: TPModel) -> dict:
         "lm_head": SequenceParallel(),  # replicated weight on the token-sharded hidden states
         "layers.0.input_layernorm": SequenceParallel(),
         "layers.0.self_attn": PrepareModuleInput(input_layouts=(seq, None, None),
-                                                 desired_input_layouts=(rep, None, None), use_local_output=False),
+                                                 desired_input_layouts=(rep, None, None),
+                                                 use_local_output=False),
         "layers.0.post_attention_layernorm": SequenceParallel(),
         "layers.0.mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,),
                                            use_local_output=False),
@@ -348,7 +354,8 @@ def run_plans() -> dict:
             loss = model(tokens)
         with CommDebugMode() as bwd:
             loss.backward()
-        grads = {n: rel_err(full(p.grad), dict(ref.named_parameters())[n].grad) for n, p in model.named_parameters()}
+        want = dict(ref.named_parameters())
+        grads = {n: rel_err(full(p.grad), want[n].grad) for n, p in model.named_parameters()}
         res["fused" if fused else "plain"] = {
             "loss_err": rel_err(full(loss), loss_ref), "grad_err": grads,
             "fwd": comms(fwd), "bwd": comms(bwd),
@@ -377,7 +384,8 @@ def run_linear_cross_entropy(tokens) -> dict:
         loss.backward()
     return {"loss_err": rel_err(full(loss), loss_ref), "grad_err": {
         "hidden": rel_err(full(dh.grad), h.grad), "weight": rel_err(full(dw.grad), w.grad)},
-        "fwd": comms(fwd), "bwd": comms(bwd), "placements": [str(dh.grad.placements), str(dw.grad.placements)]}
+        "fwd": comms(fwd), "bwd": comms(bwd),
+        "placements": [str(dh.grad.placements), str(dw.grad.placements)]}
 
 
 # ---- errors: bad input refused by name, on both ranks, before a collective -----------------------------
@@ -385,7 +393,7 @@ def run_linear_cross_entropy(tokens) -> dict:
 def expect_error(fn) -> str:
     try:
         fn()
-    except Exception as e:  # the message is what the test judges
+    except Exception as e:  # noqa: BLE001  (the message is what the test judges)
         return f"{type(e).__name__}: {e}"
     return "no error"
 
@@ -421,7 +429,7 @@ results = {}
 for section in sections:
     try:
         results[section] = {"status": "ok", **SECTIONS[section]()}
-    except Exception as e:  # recorded, so the test shows which section failed and why
+    except Exception as e:  # noqa: BLE001  (recorded, so the test shows which section failed and why)
         results[section] = {"status": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     dist.barrier()
 if rank == 0:

@@ -407,7 +407,8 @@ def _native_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_in
     # DTensor op, whose backward scales the gradients the forward computed for "sum".
     dtensor_mean = reduction == "mean" and _dtensor.is_dtensor(hidden)
     loss = torch.ops.torchfast.linear_cross_entropy(
-        hidden, weight, target, bias, ignore_index=ignore_index, reduction="sum" if dtensor_mean else reduction,
+        hidden, weight, target, bias, ignore_index=ignore_index,
+        reduction="sum" if dtensor_mean else reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
         grad_mask=_grad_mask(hidden, weight, bias))[0]
     if dtensor_mean:
