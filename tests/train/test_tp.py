@@ -25,7 +25,7 @@ RULE_TOL, MODEL_TOL = 1e-12, 1e-12
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("tp")
-    proc = torchrun(str(ROOT / "tests" / "train" / "tp_script.py"), str(out), "rules,plans,errors",
+    proc = torchrun(str(ROOT / "tests" / "train" / "tp_script.py"), str(out), "rules,plans,errors,docs",
                     cwd=out, timeout=240)
     assert proc.returncode == 0 and "TP-OK" in proc.stdout, explain(proc)
     return json.loads(Path(out / "results.json").read_text())
@@ -144,3 +144,10 @@ def test_rules_wait_for_dtensor_import():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr[-2000:]
+
+
+def test_docs_example_on_two_processes(results: dict):
+    """The tensor-parallel example of docs/distributed.md (its own assertions: loss and every gradient
+    equal the unsharded model's) passes on 2 processes, not only as the docs test's world of 1."""
+    r = _ok(results, "docs")
+    assert r["mesh_size"] == 2, r
