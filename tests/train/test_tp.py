@@ -130,6 +130,9 @@ def test_bad_input_is_refused_by_name(results: dict):
     assert "plan key 'layers.0.ffn' names no module" in m["no-such-module"], m
     assert "module '0' is a DistributedDataParallel" in m["ddp"], m
     assert "parameter 'layers.0.mlp.gate_proj.weight' is already a DTensor" in m["twice"], m
+    assert "module 'layers.0' (FSDPLlamaBlock) is already sharded by FSDP" in m["fsdp"], m
+    # the reason for torchfast.distributed.SequenceParallel: torch's drops the second input
+    assert m["torch-sequence-parallel"].startswith("TypeError") and "residual" in m["torch-sequence-parallel"], m
 
 
 def test_rules_wait_for_dtensor_import():

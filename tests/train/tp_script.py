@@ -422,6 +422,17 @@ def run_errors() -> dict:
     done = TPModel(True)
     parallelize(done, mesh, {"layers.0.mlp.gate_proj": col})
     m["twice"] = expect_error(lambda: parallelize(done, mesh, {"layers.0.mlp.up_proj": col}))
+    from torch.distributed.fsdp import fully_shard
+
+    fsdp = TPModel(True)
+    fully_shard(fsdp.layers[0], mesh=mesh)
+    m["fsdp"] = expect_error(lambda: parallelize(fsdp, mesh, {"layers.1.fc": col}))
+    # Why torchfast has its own SequenceParallel: torch's passes AddRMSNorm only its first input.
+    from torch.distributed.tensor.parallel import SequenceParallel as TorchSequenceParallel
+
+    norm = parallelize_module(torchfast.nn.AddRMSNorm(HIDDEN), mesh, TorchSequenceParallel())
+    x = torch.randn(BATCH, SEQ // 2, HIDDEN)
+    m["torch-sequence-parallel"] = expect_error(lambda: norm(x, x))
     return {"messages": m}
 
 
