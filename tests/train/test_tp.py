@@ -22,13 +22,17 @@ from tests.train.test_distributed import ROOT, explain, torchrun
 RULE_TOL, MODEL_TOL = 1e-12, 1e-12
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
+def _launch(tmp_path_factory, sections: str, timeout: int) -> dict:
     out = tmp_path_factory.mktemp("tp")
-    proc = torchrun(str(ROOT / "tests" / "train" / "tp_script.py"), str(out), "rules,plans,errors,docs",
-                    cwd=out, timeout=240)
+    proc = torchrun(str(ROOT / "tests" / "train" / "tp_script.py"), str(out), sections, cwd=out,
+                    timeout=timeout)
     assert proc.returncode == 0 and "TP-OK" in proc.stdout, explain(proc)
     return json.loads(Path(out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    return _launch(tmp_path_factory, "rules,plans,errors,docs", timeout=240)
 
 
 def _ok(results: dict, section: str) -> dict:
@@ -132,7 +136,8 @@ def test_bad_input_is_refused_by_name(results: dict):
     assert "parameter 'layers.0.mlp.gate_proj.weight' is already a DTensor" in m["twice"], m
     assert "module 'layers.0' (FSDPLlamaBlock) is already sharded by FSDP" in m["fsdp"], m
     # the reason for torchfast.distributed.SequenceParallel: torch's drops the second input
-    assert m["torch-sequence-parallel"].startswith("TypeError") and "residual" in m["torch-sequence-parallel"], m
+    dropped = m["torch-sequence-parallel"]
+    assert dropped.startswith("TypeError") and "residual" in dropped, m
 
 
 def test_rules_wait_for_dtensor_import():
@@ -156,3 +161,14 @@ def test_docs_example_on_two_processes(results: dict):
     equal the unsharded model's) passes on 2 processes, not only as the docs test's world of 1."""
     r = _ok(results, "docs")
     assert r["mesh_size"] == 2, r
+
+
+@pytest.mark.slow
+def test_docs_example_compiled(tmp_path_factory):
+    """The same example with the model under torch.compile, aot_eager then inductor (inductor builds C++:
+    about a minute here): its assertions hold, one graph, no graph break: dynamo traces the DTensor
+    dispatch of the torchfast ops through their sharding rules."""
+    results = _launch(tmp_path_factory, "compile-aot,compile", timeout=600)
+    for name in ("compile-aot", "compile"):
+        r = _ok(results, name)
+        assert r["mesh_size"] == 2 and r["graph_breaks"] == {} and r["frames"] >= 1, (name, r)

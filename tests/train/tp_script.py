@@ -15,6 +15,8 @@ Sections:
           collectives of forward + backward of both, per kind (CommDebugMode)
   errors  bad input: a vocabulary-sharded loss, a plan that does not divide the shapes, a module that
           cannot be sharded (the messages, raised on both ranks before any collective)
+  docs    the example of docs/distributed.md's tensor-parallel section
+  compile-aot, compile   the same with the model under torch.compile (aot_eager; inductor)
 """
 
 from __future__ import annotations
@@ -436,19 +438,33 @@ def run_errors() -> dict:
     return {"messages": m}
 
 
-def run_docs() -> dict:
+def run_docs(backend: str | None = None) -> dict:
     """The python block of docs/distributed.md's tensor-parallel section, on these 2 processes (the docs
-    test runs it as a world of 1). It asserts its own results; it leaves the process group at its end,
-    so this section runs last."""
+    test runs it as a world of 1); it asserts its own results (loss and gradients equal the unsharded
+    model's). `backend`: the model's forward runs through torch.compile with it. The block's final
+    cleanup() is left out: the process group serves the sections after it."""
     text = (ROOT / "docs" / "distributed.md").read_text()
     section = text[text.index("## Tensor parallel"):text.index("## Activation checkpointing")]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    for old, new in (("torchfast.distributed.cleanup()\n", ""),
+                     ("loss = model(batch)", f"loss = torch.compile(model, backend={backend!r})(batch)")):
+        if old.startswith("loss") and backend is None:
+            continue
+        assert old in code, f"docs/distributed.md: the tensor-parallel example no longer has {old!r}"
+        code = code.replace(old, new)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     namespace = {"__name__": "__main__"}
-    exec(compile(code, "docs/distributed.md (tensor parallel)", "exec"), namespace)
-    return {"mesh_size": namespace["mesh"].size(), "loss": namespace["loss"].to_local().item()}
+    exec(compile(code, "docs/distributed.md (tensor parallel)", "exec"), namespace)  # noqa: S102  (docs code)
+    return {"mesh_size": namespace["mesh"].size(), "loss": namespace["loss"].to_local().item(),
+            "graph_breaks": dict(torch._dynamo.utils.counters["graph_break"]),
+            "frames": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
 
-SECTIONS = {"rules": run_rules, "plans": run_plans, "errors": run_errors, "docs": run_docs}
+SECTIONS = {"rules": run_rules, "plans": run_plans, "errors": run_errors, "docs": run_docs,
+            "compile-aot": lambda: run_docs("aot_eager"), "compile": lambda: run_docs("inductor")}
 
 results = {}
 for section in sections:
@@ -456,8 +472,7 @@ for section in sections:
         results[section] = {"status": "ok", **SECTIONS[section]()}
     except Exception as e:  # noqa: BLE001  (recorded, so the test shows which section failed and why)
         results[section] = {"status": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    if dist.is_initialized():  # "docs" leaves the group, as the example's cleanup() does
-        dist.barrier()
+    dist.barrier()
 if rank == 0:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print("TP-OK")
