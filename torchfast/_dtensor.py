@@ -80,6 +80,7 @@ def _opt(t, placement):
 
 
 def _replicate_all(n_out: int, args) -> tuple[list, list]:
+    """The rule every op has: all n_out outputs and every tensor argument Replicate."""
     _, R, _ = _p()
     return [R] * n_out, [None if not _is_spec(a) else R for a in args]
 

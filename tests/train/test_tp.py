@@ -60,7 +60,9 @@ def test_every_op_has_rules_forward_and_backward(results: dict):
 def test_each_rule_runs_locally_and_matches_the_whole_tensor(results: dict):
     """For each rule of each op: inputs laid out as the rule says (Shard, Replicate, Partial split in
     random parts), the call issues no collective, the outputs have the promised placements, and the
-    gathered outputs equal the op on the whole tensors (float64)."""
+    gathered outputs equal the op on the whole tensors (float64). One case per rule family also on a
+    1 x 2 mesh (data parallel x tensor parallel, the layout of FSDP + TP), Replicate on the first
+    dimension: DTensor's expansion of the rules over mesh dimensions."""
     r = _ok(results, "rules")
     assert r["control-last-dim"] > 0.1, "the comparison cannot see a wrong layout"
     n = 0
@@ -72,7 +74,9 @@ def test_each_rule_runs_locally_and_matches_the_whole_tensor(results: dict):
             assert rule["placements"] == rule["promised"], (where, rule["placements"], rule["promised"])
             assert rule["err"] <= RULE_TOL, f"{where}: relative error {rule['err']:.2e}"
             n += 1
-    assert n >= 130, n
+    assert n >= 130 + 40, n
+    on_2d = {case for case, rules in r["cases"].items() if any(rule["mesh"] == "1x2" for rule in rules)}
+    assert len(on_2d) == 10, on_2d
 
 
 def test_sequence_parallel_norm_weight_gradients_are_partial(results: dict):

@@ -144,13 +144,25 @@ def op_cases() -> list[tuple[str, str, tuple, dict]]:
     return cases
 
 
-def lay_out(t: torch.Tensor, placement) -> DTensor:
-    """t as a DTensor on the 1-D mesh: Partial as two random parts that add up to t."""
+# A 2-D mesh of 1 x 2 (data parallel x tensor parallel, as FSDP + TP lay it out): the rules are given
+# for one mesh dimension and DTensor expands them over both; the first is Replicate here.
+# One case per rule family is checked there too (all of them would add ~10 s to the default suite).
+mesh2 = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
+ON_2D = {"swiglu_backward", "swiglu_packed_backward", "bias_act_backward", "rms_norm_backward",
+         "add_rms_norm_backward", "layer_norm_backward", "rope_backward-bhtd", "cross_entropy_backward",
+         "linear_cross_entropy-sum", "linear_cross_entropy_backward"}
+
+
+def lay_out(t: torch.Tensor, placement, on=None) -> DTensor:
+    """t as a DTensor on the 1-D mesh (or `on`, the 1 x 2 mesh, Replicate on its first dimension):
+    Partial as two random parts that add up to t."""
+    m = mesh if on is None else on
+    placements = [placement] if on is None else [Replicate(), placement]
     if isinstance(placement, Partial):
         noise = torch.randn(t.shape, generator=torch.Generator().manual_seed(7), dtype=t.dtype)
         local = t * 0.25 + noise if rank == 0 else t * 0.75 - noise
-        return DTensor.from_local(local, mesh, [placement], run_check=False)
-    return distribute_tensor(t, mesh, [placement])
+        return DTensor.from_local(local, m, placements, run_check=False)
+    return distribute_tensor(t, m, placements)
 
 
 def run_rules() -> dict:
@@ -163,14 +175,18 @@ def run_rules() -> dict:
                  for a in args]
         rules = _dtensor._RULES[name][0](*specs, **kwargs)
         per_rule = []
-        for outs, ins in rules:
-            dargs = [lay_out(a, p) if p is not None else a for a, p in zip(args, ins)]
+        for (outs, ins), on in [(r, None) for r in rules] + [(r, mesh2) for r in rules if case in ON_2D]:
+            dargs = [lay_out(a, p, on) if p is not None else a for a, p in zip(args, ins)]
             with CommDebugMode() as mode:
                 got = op(*dargs, **kwargs)
             got = got if isinstance(got, tuple) else (got,)
-            placements = [None if o is None else str(o.placements[0]) for o in got]
+            placements = [None if o is None else str(o.placements[-1]) for o in got]
+            if on is not None:  # the dp dimension must stay Replicate
+                placements = [p if o is None or o.placements[0] == Replicate() else f"dp {o.placements}"
+                              for p, o in zip(placements, got)]
             errs = [0.0 if o is None and wnt is None else rel_err(full(o), wnt) for o, wnt in zip(got, want)]
-            per_rule.append({"op": name, "ins": [str(p) for p in ins],
+            per_rule.append({"op": name, "mesh": "1x2" if on is not None else "2",
+                             "ins": [str(p) for p in ins],
                              "promised": [None if p is None else str(p) for p in outs],
                              "placements": placements, "comms": comms(mode), "err": max(errs)})
         res["cases"][case] = per_rule
