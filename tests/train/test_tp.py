@@ -32,7 +32,7 @@ def _launch(tmp_path_factory, sections: str, timeout: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    return _launch(tmp_path_factory, "rules,plans,errors,docs", timeout=240)
+    return _launch(tmp_path_factory, "rules,plans,errors,docs,fsdp-tp", timeout=240)
 
 
 def _ok(results: dict, section: str) -> dict:
@@ -165,6 +165,14 @@ def test_docs_example_on_two_processes(results: dict):
     equal the unsharded model's) passes on 2 processes, not only as the docs test's world of 1."""
     r = _ok(results, "docs")
     assert r["mesh_size"] == 2, r
+
+
+def test_fsdp_over_tensor_parallel(results: dict):
+    """The example with FSDP2 applied after tensor parallelism, on the other dimension of a 1 x 2 mesh
+    (dp x tp: the 2-D layout, with one data-parallel rank as 2 processes allow): the parameters are
+    2-D DTensors and the loss and every gradient still equal the unsharded model's."""
+    r = _ok(results, "fsdp-tp")
+    assert r["mesh_size"] == 2 and r["fsdp"], r
 
 
 @pytest.mark.slow

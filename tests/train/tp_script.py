@@ -16,6 +16,7 @@ Sections:
   errors  bad input: a vocabulary-sharded loss, a plan that does not divide the shapes, a module that
           cannot be sharded (the messages, raised on both ranks before any collective)
   docs    the example of docs/distributed.md's tensor-parallel section
+  fsdp-tp the same with FSDP2 on the other dimension of a 1 x 2 mesh (FSDP + TP)
   compile-aot, compile   the same with the model under torch.compile (aot_eager; inductor)
 """
 
@@ -454,18 +455,35 @@ def run_errors() -> dict:
     return {"messages": m}
 
 
-def run_docs(backend: str | None = None) -> dict:
+FSDP_AFTER_TP = """mesh2d = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("dp", "tp"))
+mesh = mesh2d["tp"]
+"""
+FULLY_SHARD = """from torch.distributed.fsdp import fully_shard
+
+for layer in model.layers:
+    fully_shard(layer, mesh=mesh2d["dp"])
+fully_shard(model, mesh=mesh2d["dp"])
+sharded_by_fsdp = len(model.layers[0].mlp.gate_proj.weight.placements) == 2
+batch = torch.randint"""
+
+
+def run_docs(backend: str | None = None, fsdp: bool = False) -> dict:
     """The python block of docs/distributed.md's tensor-parallel section, on these 2 processes (the docs
     test runs it as a world of 1); it asserts its own results (loss and gradients equal the unsharded
-    model's). `backend`: the model's forward runs through torch.compile with it. The block's final
+    model's). `backend`: the model's forward runs through torch.compile with it. `fsdp`: tensor
+    parallel on the "tp" dimension of a 1 x 2 mesh, then FSDP2 (fully_shard per block and the root)
+    on its "dp" dimension, the 2-D layout of FSDP + TP (with one data-parallel rank). The block's final
     cleanup() is left out: the process group serves the sections after it."""
     text = (ROOT / "docs" / "distributed.md").read_text()
     section = text[text.index("## Tensor parallel"):text.index("## Activation checkpointing")]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
-    for old, new in (("torchfast.distributed.cleanup()\n", ""),
-                     ("loss = model(batch)", f"loss = torch.compile(model, backend={backend!r})(batch)")):
-        if old.startswith("loss") and backend is None:
-            continue
+    edits = [("torchfast.distributed.cleanup()\n", "")]
+    if backend is not None:
+        edits.append(("loss = model(batch)", f"loss = torch.compile(model, backend={backend!r})(batch)"))
+    if fsdp:
+        edits += [('mesh = init_device_mesh("cpu", (dist.get_world_size(),))\n', FSDP_AFTER_TP),
+                  ("batch = torch.randint", FULLY_SHARD)]
+    for old, new in edits:
         assert old in code, f"docs/distributed.md: the tensor-parallel example no longer has {old!r}"
         code = code.replace(old, new)
     import torch._dynamo
@@ -474,12 +492,13 @@ def run_docs(backend: str | None = None) -> dict:
     torch._dynamo.utils.counters.clear()
     namespace = {"__name__": "__main__"}
     exec(compile(code, "docs/distributed.md (tensor parallel)", "exec"), namespace)  # noqa: S102  (docs code)
-    return {"mesh_size": namespace["mesh"].size(), "loss": namespace["loss"].to_local().item(),
+    return {"mesh_size": namespace["mesh"].size(), "fsdp": namespace.get("sharded_by_fsdp", False),
             "graph_breaks": dict(torch._dynamo.utils.counters["graph_break"]),
             "frames": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
 
 SECTIONS = {"rules": run_rules, "plans": run_plans, "errors": run_errors, "docs": run_docs,
+            "fsdp-tp": lambda: run_docs(fsdp=True),
             "compile-aot": lambda: run_docs("aot_eager"), "compile": lambda: run_docs("inductor")}
 
 results = {}
