@@ -15,6 +15,7 @@ Compression: torchfast.compress (docs/compress.md).
 """
 
 from torchfast import _ext  # noqa: F401  (loads _C, or warns and falls back to references)
+from torchfast import _dtensor
 from torchfast import amp, compress, distributed, export, hooks, nn, ops, profiling
 from torchfast._info import build_info
 from torchfast._optimize import OptimizeReport, OptimizeVerificationError, optimize
@@ -22,6 +23,8 @@ from torchfast._registry import REGISTRY, use_impl
 from torchfast.ops import (add_rms_norm, bias_act, cross_entropy, geglu, layer_norm, linear_cross_entropy, rms_norm,
                            rope, swiglu, swish)
 from torchfast.trainer import FitResult, Trainer
+
+_dtensor.install()  # sharding rules of every op, registered when torch.distributed.tensor is imported
 
 __version__ = "0.1.0"
 __all__ = ["REGISTRY", "FitResult", "OptimizeReport", "OptimizeVerificationError", "Trainer", "add_rms_norm", "amp",

@@ -455,3 +455,17 @@ def cleanup() -> None:
         gc.collect()  # DDP wrappers that are already garbage let go of the group first
         dist.destroy_process_group()
     _world = None
+
+
+# ---- tensor parallelism (torchfast/_tp.py, imported on first use) -------------------------------------
+
+_TP_NAMES = ("SequenceParallel", "parallelize")
+
+
+def __getattr__(name: str) -> Any:
+    # torch.distributed.tensor.parallel costs about a second to import: only when asked for.
+    if name in _TP_NAMES:
+        from torchfast import _tp
+
+        return getattr(_tp, name)
+    raise AttributeError(f"module 'torchfast.distributed' has no attribute {name!r}")
