@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchfast
-from tests.train.common import dataset, make_model
+from tests.train.common import Crash, crashing_mse, dataset, make_model
 from torchfast import _dcp
 from torchfast import distributed as tfdist
 from torchfast.hooks import NonFiniteError
@@ -30,23 +30,6 @@ def _one_thread_fresh_world():
     yield
     tfdist.cleanup()
     torch.set_num_threads(threads)
-
-
-class Crash(Exception):
-    pass
-
-
-def crashing_mse(after_calls: int | None):
-    """mse_loss that raises Crash on call number `after_calls` + 1 (a kill in the middle of a step)."""
-    calls = [0]
-
-    def loss(out, target):
-        calls[0] += 1
-        if after_calls is not None and calls[0] > after_calls:
-            raise Crash(f"injected crash at loss call {calls[0]}")
-        return nn.functional.mse_loss(out.float(), target)
-
-    return loss
 
 
 def run(tmp_path, *, crash_after: int | None = None, resume: bool = False, seed: int = 0, amp: str = "off",
