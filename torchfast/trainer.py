@@ -5,7 +5,8 @@
     result = trainer.fit(dataset_or_loader, epochs=3, batch_size=64, resume=True)
 
 The pieces are torchfast.amp.Stepper (one optimizer step), torchfast.distributed (torchrun, DDP or
-FSDP2, sharded loading), torchfast._dcp (sharded checkpoints for strategy="fsdp"), torchfast.hooks.NonFiniteDetector and torchfast.profiling.profile; the Trainer only
+FSDP2, sharded loading), torchfast._dcp (sharded checkpoints for strategy="fsdp"),
+torchfast.hooks.NonFiniteDetector and torchfast.profiling.profile; the Trainer only
 orders them. Batches are tuples `(input, ..., target)`: the model gets the inputs, `loss_fn` gets the
 model's output and the target.
 """
@@ -610,20 +611,23 @@ def _check_strategy(
                 "blocks= and fsdp_options= cannot apply: pass the plain model, or leave them out"
             )
         return True
-    if optimizer.state:
+    return False
+
+
+def _shard(
+    model: nn.Module, optimizer: torch.optim.Optimizer, blocks: Any, options: dict | None
+) -> nn.Module:
+    """`model` sharded with torchfast.distributed.shard, and `optimizer`'s parameter groups re-pointed
+    at the sharded parameters. fully_shard replaces every parameter by a new DTensor Parameter of the
+    same name, so the optimizer built on the plain model would step tensors the model no longer uses;
+    its groups (learning rates, weight decay, ...) are kept, matched by parameter name."""
+    if optimizer.state and tfdist.world().distributed:
+        # In a world of one nothing is sharded and the optimizer keeps its parameters and state.
         raise ValueError(
             "torchfast.Trainer: with strategy='fsdp' the Trainer shards the model and re-points the "
             "optimizer at the shards, but this optimizer already holds state (it has stepped or loaded a "
             "state_dict); give a fresh one (resume=True restores its state from the checkpoint)"
         )
-    return False
-
-
-def _shard(model: nn.Module, optimizer: torch.optim.Optimizer, blocks: Any, options: dict | None) -> nn.Module:
-    """`model` sharded with torchfast.distributed.shard, and `optimizer`'s parameter groups re-pointed
-    at the sharded parameters. fully_shard replaces every parameter by a new DTensor Parameter of the
-    same name, so the optimizer built on the plain model would step tensors the model no longer uses;
-    its groups (learning rates, weight decay, ...) are kept, matched by parameter name."""
     names: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), name)

@@ -82,7 +82,8 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
         torch.save({
             "losses": result.losses, "steps": result.steps, "resumed_from": result.resumed_from,
             "weights": weights,
-            "fsdp_modules": sorted(n or "<root>" for n, m in model.named_modules() if isinstance(m, FSDPModule)),
+            "fsdp_modules": sorted(n or "<root>" for n, m in model.named_modules()
+                                   if isinstance(m, FSDPModule)),
             "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()
                              if isinstance(p, DTensor)},
             "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
@@ -119,6 +120,12 @@ def errors() -> dict:
     expect("sharded-model-with-blocks",
            lambda: trainer(torchfast.distributed.shard(make_model()), strategy="fsdp", blocks=nn.Linear))
     expect("fp16-fsdp", lambda: trainer(make_model(), strategy="fsdp", amp="fp16"))
+    stepped = make_model()
+    opt = torch.optim.AdamW(stepped.parameters(), lr=1e-2)
+    stepped(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    expect("optimizer-with-state", lambda: torchfast.Trainer(stepped, opt, nn.functional.mse_loss,
+                                                              progress=None, strategy="fsdp"))
     return messages
 
 
