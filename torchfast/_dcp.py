@@ -31,6 +31,7 @@ META = "trainer.pt"
 
 
 def step_name(step: int) -> str:
+    """The folder of the checkpoint written after optimizer step `step` (zero-padded: names sort by step)."""
     return f"step-{step:08d}"
 
 

@@ -104,8 +104,9 @@ def test_two_nodes_of_one_process(out: Path):
 
 
 def test_fsdp_on_two_nodes_matches_one_process(out: Path):
-    """12 AdamW steps (accumulation, clipping, StepLR) sharded over 2 nodes: the losses and the
-    gathered final weights equal one process's on the same global batches within float32 rounding."""
+    """12 AdamW steps (accumulation, clipping, StepLR) sharded over 2 nodes: the losses, the validation
+    loss after each epoch (Trainer.evaluate: sharded forward only) and the gathered final weights equal
+    one process's on the same global batches within float32 rounding."""
     tfdist.cleanup()
     torch.set_num_threads(1)
     model = make_model(dropout=0.0)
@@ -114,12 +115,16 @@ def test_fsdp_on_two_nodes_matches_one_process(out: Path):
 
     result = Trainer(model, opt, crashing_mse(None), amp="off", accumulate=2, grad_clip=1.0,
                      scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5),
-                     progress=None).fit(tfdist.data_loader(dataset(), 8, shuffle=True, num_workers=0), 3)
+                     progress=None).fit(tfdist.data_loader(dataset(), 8, shuffle=True, num_workers=0), 3,
+                                        dataset(seed=5), batch_size=8)
     tfdist.cleanup()
     got = load(out, "parity")
     assert got["steps"] == result.steps == 12
     for step, (a, b) in enumerate(zip(got["losses"], result.losses)):
         assert abs(a - b) <= LOSS_TOL * abs(b), f"step {step + 1}: loss {a} on 2 nodes, {b} in one process"
+    assert len(got["val_losses"]) == len(result.val_losses) == 3
+    for epoch, (a, b) in enumerate(zip(got["val_losses"], result.val_losses)):
+        assert abs(a - b) <= LOSS_TOL * abs(b), f"epoch {epoch + 1}: validation loss {a} vs {b}"
     want = dict(model.named_parameters())
     for name, w in got["weights"].items():
         err = ((w - want[name]).abs().max() / want[name].abs().max()).item()
@@ -142,15 +147,16 @@ def test_a_model_sharded_by_the_caller_trains_the_same(out: Path):
     assert load(out, "presharded")["losses"] == load(out, "parity")["losses"]
 
 
-@pytest.mark.parametrize("crash", [13, 9], ids=["mid-epoch-checkpoint", "epoch-end-checkpoint"])
-def test_sharded_resume_after_a_crash_is_exact(out: Path, crash: int):
-    """Crash in step 7 (last sharded checkpoint: step 6, mid-epoch) or step 5 (step 4, an epoch end) on
-    both nodes, then resume with a model initialised from another seed: every loss and every gathered
-    weight is bit-for-bit the uninterrupted run's. Bit-equal, not merely close: each rank reloads its
-    own shards of the weights and of AdamW's moments, its RNG state and the position in the epoch, and
+@pytest.mark.parametrize("crash, reference", [(13, "reference"), (9, "reference-bf16")],
+                         ids=["mid-epoch-checkpoint", "epoch-end-checkpoint-bf16"])
+def test_sharded_resume_after_a_crash_is_exact(out: Path, crash: int, reference: str):
+    """Crash in step 7 (last sharded checkpoint: step 6, mid-epoch) or, under bf16 autocast, in step 5
+    (step 4, an epoch end) on both nodes, then resume with a model initialised from another seed: every
+    loss and every gathered weight is bit-for-bit the uninterrupted run's. Bit-equal, not merely close:
+    each rank reloads its own shards of the weights and of AdamW's moments, its RNG state and the position in the epoch, and
     the same two ranks then run the same kernels and the same Gloo collectives in the same order."""
     crashed, resumed = load(out, f"crash{crash}"), load(out, f"resume{crash}")
-    reference = load(out, "reference")
+    reference = load(out, reference)
     step = 6 if crash == 13 else 4
     assert crashed["crashed_after"] == step and crashed["latest"] == f"step-{step:08d}"
     # each rank wrote its own shards: one file per rank, DCP's metadata, and rank 0's trainer state

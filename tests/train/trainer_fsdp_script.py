@@ -7,12 +7,14 @@ Every run trains the model of tests/train/common.py for 3 epochs x 4 AdamW steps
 of 4 per epoch, accumulate 2: global steps of 16 samples, as in tests/train/test_trainer.py), its two
 Linear layers FSDP2 groups by a user rule and the root holding the rest, with StepLR and gradient
 clipping. Runs, in order (rank 0 writes OUT/<run>.pt: losses and the gathered final weights):
-  parity          no dropout: compared by the test with one process on the same global batches
+  parity          no dropout, a validation set: compared by the test with one process on the same
+                  global batches (losses, validation losses, final weights)
   presharded      the same model sharded by the caller, then given to the Trainer: the same losses
   reference       dropout 0.2 (so the RNG state matters), a sharded checkpoint every 3 steps
   crash13/resume13  crash in step 7 (last checkpoint: step 6, mid-epoch), then resume from a model
                   initialised from another seed
-  crash9/resume9  crash in step 5 (last checkpoint: step 4, an epoch end), then resume
+  reference-bf16  the same as reference under amp="bf16" (autocast)
+  crash9/resume9  with amp="bf16": crash in step 5 (last checkpoint: step 4, an epoch end), then resume
 Then bad input that must be refused on both ranks before any collective (OUT/errors.json), and each
 rank's view of the launch (OUT/env-rank<r>.json). Not a test module: tests/train/test_trainer_fsdp.py
 launches it and judges the results.
@@ -54,21 +56,23 @@ def linear_layers(name: str, module: nn.Module) -> bool:
 
 
 def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed: int = 0,
-        dropout: float = 0.2, presharded: bool = False, ckpt: str | None = None) -> None:
+        dropout: float = 0.2, presharded: bool = False, ckpt: str | None = None, amp: str = "off",
+        val: bool = False) -> None:
     model = make_model(seed=seed, dropout=dropout)
     if presharded:
         model = torchfast.distributed.shard(model, blocks=linear_layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     trainer = torchfast.Trainer(
-        model, opt, crashing_mse(crash_after), amp="off", accumulate=ACCUMULATE, grad_clip=1.0,
+        model, opt, crashing_mse(crash_after), amp=amp, accumulate=ACCUMULATE, grad_clip=1.0,
         checkpoint_dir=out / "ckpt" / (ckpt or name),
         checkpoint_every=3, scheduler=sched, progress=None, strategy="fsdp",
         blocks=None if presharded else linear_layers,
     )
     loader = torchfast.distributed.data_loader(dataset(), PER_RANK, shuffle=True, num_workers=0)
     try:
-        result = trainer.fit(loader, EPOCHS, resume=resume)
+        val_data = dataset(seed=5) if val else None
+        result = trainer.fit(loader, EPOCHS, val_data, batch_size=PER_RANK, resume=resume)
     except Crash:
         # every rank crashes at the same loss call, before the backward's reduce-scatter: none waits
         dist.barrier()
@@ -80,7 +84,8 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
     weights = {n: p.full_tensor() for n, p in model.named_parameters()}  # a collective: every rank
     if rank == 0:
         torch.save({
-            "losses": result.losses, "steps": result.steps, "resumed_from": result.resumed_from,
+            "losses": result.losses, "val_losses": result.val_losses, "steps": result.steps,
+            "resumed_from": result.resumed_from,
             "weights": weights,
             "fsdp_modules": sorted(n or "<root>" for n, m in model.named_modules()
                                    if isinstance(m, FSDPModule)),
@@ -129,14 +134,14 @@ def errors() -> dict:
     return messages
 
 
-run("parity", dropout=0.0)
+run("parity", dropout=0.0, val=True)
 run("presharded", dropout=0.0, presharded=True)
-torch.manual_seed(123)
-run("reference")
-for crash in (13, 9):
+for crash, amp in ((13, "off"), (9, "bf16")):
+    torch.manual_seed(123)
+    run("reference" if amp == "off" else f"reference-{amp}", amp=amp)
     torch.manual_seed(7)  # a different global RNG state: the checkpoint must restore it
-    run(f"crash{crash}", crash_after=crash, ckpt=f"crash{crash}")
-    run(f"resume{crash}", resume=True, seed=99, ckpt=f"crash{crash}")
+    run(f"crash{crash}", crash_after=crash, ckpt=f"crash{crash}", amp=amp)
+    run(f"resume{crash}", resume=True, seed=99, ckpt=f"crash{crash}", amp=amp)
 messages = errors()
 if rank == 0:
     (out / "errors.json").write_text(json.dumps(messages, indent=1))
