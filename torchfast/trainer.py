@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchfast import _dcp
 from torchfast import distributed as tfdist
 from torchfast._progress import Progress
-from torchfast.amp import AMP_MODES, Stepper, move_batch, policy
+from torchfast.amp import AMP_MODES, Stepper, _is_fsdp, move_batch, policy
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STRATEGIES = ("ddp", "fsdp")
@@ -134,6 +134,8 @@ class Trainer:
         step of an epoch takes what is left). Under DDP gradients are all-reduced once per step.
     compile: torch.compile the (DDP-wrapped) model; a dict is passed to torch.compile as keyword
         arguments (e.g. {"mode": "max-autotune"}). Checkpoints hold the plain module's state_dict.
+        With strategy="fsdp" under torchrun each sharded block is compiled in place instead
+        (module.compile), and the root's own forward, with FSDP2's hooks around the blocks, runs eager.
     log_dir: TensorBoard scalars there (rank 0): train/loss, train/lr, train/grad_norm,
         train/samples_per_s, amp/scale, train/skipped_steps, val/loss. Needs the `tensorboard` package.
     profile: profile optimizer steps 3-5 of the run (after one skipped and one warm-up step) with
@@ -166,7 +168,7 @@ class Trainer:
     parameters that are not the model's, accumulate < 1, an unknown amp mode, profile without log_dir;
     and, before any collective, for DDP and FSDP mixed (a DistributedDataParallel inside the model with
     strategy="fsdp", a fully_shard'ed module with strategy="ddp"), `blocks`/`fsdp_options` without
-    strategy="fsdp", amp="fp16" (a GradScaler) or compile= with strategy="fsdp", and an optimizer that
+    strategy="fsdp", amp="fp16" (a GradScaler) with strategy="fsdp", and an optimizer that
     already holds state when the Trainer shards the model.
     """
 
@@ -194,7 +196,7 @@ class Trainer:
         fsdp_options: dict | None = None,
     ):
         self._check_args(model, optimizer, loss_fn, amp, accumulate, profile, log_dir, checkpoint_every)
-        presharded = _check_strategy(model, optimizer, strategy, blocks, fsdp_options, compile)
+        presharded = _check_strategy(model, optimizer, strategy, blocks, fsdp_options)
         self.strategy = strategy
         self.world = tfdist.init(device=device, expected_world_size=world_size)
         self.device = self.world.device
@@ -215,7 +217,15 @@ class Trainer:
             self.model = tfdist.wrap(self.module)
             ddp = self.model if self.model is not self.module else None
         if compile:
-            self.model = torch.compile(self.model, **(compile if isinstance(compile, dict) else {}))
+            options = compile if isinstance(compile, dict) else {}
+            blocks_sharded = [m for m in self.module.modules() if m is not self.module and _is_fsdp(m)]
+            if blocks_sharded:
+                # Per block, as FSDP2 is tested with (tests/train/test_fsdp.py: one graph per block, no
+                # graph break); in place, so parameter names and checkpoints stay those of the model.
+                for block in blocks_sharded:
+                    block.compile(**options)
+            else:
+                self.model = torch.compile(self.model, **options)
         self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
         self.stepper = Stepper(self.model, optimizer, amp=self.policy, grad_clip=grad_clip, ddp=ddp)
         self.accumulate = accumulate
@@ -562,8 +572,7 @@ class Trainer:
 
 
 def _check_strategy(
-    model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Any, blocks: Any, fsdp_options: Any,
-    compile: Any,
+    model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Any, blocks: Any, fsdp_options: Any
 ) -> bool:
     """The strategy arguments, checked before torchfast.distributed.init and any collective (every rank
     raises the same error on its own). Returns whether the model is sharded already (fully_shard)."""
@@ -590,12 +599,6 @@ def _check_strategy(
             f"torchfast.Trainer: module {ddp!r} of the model is a DistributedDataParallel, but "
             "strategy='fsdp' shards the model with FSDP2; DDP and FSDP cannot be mixed (both reduce the "
             "gradients): pass the plain module (torchfast.distributed.unwrap gives it)"
-        )
-    if compile:
-        raise ValueError(
-            "torchfast.Trainer: compile= is not supported with strategy='fsdp'; shard the model yourself "
-            "(torchfast.distributed.shard), compile its blocks (block.compile()) and pass it with "
-            "strategy='fsdp' (see docs/distributed.md)"
         )
     if fsdp_options is not None:
         if not isinstance(fsdp_options, dict):

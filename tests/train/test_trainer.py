@@ -353,8 +353,6 @@ def test_strategy_bad_input():
         _trainer(make_model(), strategy="fsdp", fsdp_options={"reshard": False})
     with pytest.raises(ValueError, match="amp='fp16' means float16 with a GradScaler .* strategy='fsdp'"):
         _trainer(make_model(), strategy="fsdp", amp="fp16")
-    with pytest.raises(ValueError, match="compile= is not supported with strategy='fsdp'"):
-        _trainer(make_model(), strategy="fsdp", compile=True)
     assert not torch.distributed.is_initialized()
 
 

@@ -142,9 +142,14 @@ def test_the_model_was_sharded_by_the_users_rule(out: Path):
     assert got["optimizer_holds_model_params"]
 
 
-def test_a_model_sharded_by_the_caller_trains_the_same(out: Path):
-    """shard() by the caller, then Trainer(strategy="fsdp"): the same computation, the same losses."""
-    assert load(out, "presharded")["losses"] == load(out, "parity")["losses"]
+def test_a_model_sharded_by_the_caller_and_compiled_trains_the_same(out: Path):
+    """shard() by the caller, then Trainer(strategy="fsdp", compile={"backend": "aot_eager"},
+    detect_nonfinite=True): the Trainer compiles the two sharded blocks in place, and the losses are
+    bit-for-bit those of the eager parity run (aot_eager runs the same aten kernels; the detector's
+    hooks only read)."""
+    got = load(out, "presharded")
+    assert got["compiled_blocks"] == ["0", "2"], got["compiled_blocks"]
+    assert got["losses"] == load(out, "parity")["losses"]
 
 
 @pytest.mark.parametrize("crash, reference", [(13, "reference"), (9, "reference-bf16")],
@@ -153,8 +158,9 @@ def test_sharded_resume_after_a_crash_is_exact(out: Path, crash: int, reference:
     """Crash in step 7 (last sharded checkpoint: step 6, mid-epoch) or, under bf16 autocast, in step 5
     (step 4, an epoch end) on both nodes, then resume with a model initialised from another seed: every
     loss and every gathered weight is bit-for-bit the uninterrupted run's. Bit-equal, not merely close:
-    each rank reloads its own shards of the weights and of AdamW's moments, its RNG state and the position in the epoch, and
-    the same two ranks then run the same kernels and the same Gloo collectives in the same order."""
+    each rank reloads its own shards of the weights and of AdamW's moments, its RNG state and the
+    position in the epoch, and the same two ranks then run the same kernels and the same Gloo
+    collectives in the same order."""
     crashed, resumed = load(out, f"crash{crash}"), load(out, f"resume{crash}")
     reference = load(out, reference)
     step = 6 if crash == 13 else 4

@@ -9,7 +9,8 @@ Linear layers FSDP2 groups by a user rule and the root holding the rest, with St
 clipping. Runs, in order (rank 0 writes OUT/<run>.pt: losses and the gathered final weights):
   parity          no dropout, a validation set: compared by the test with one process on the same
                   global batches (losses, validation losses, final weights)
-  presharded      the same model sharded by the caller, then given to the Trainer: the same losses
+  presharded      the same model sharded by the caller, then given to the Trainer with compile=
+                  (aot_eager: each sharded block compiled in place) and detect_nonfinite=True
   reference       dropout 0.2 (so the RNG state matters), a sharded checkpoint every 3 steps
   crash13/resume13  crash in step 7 (last checkpoint: step 6, mid-epoch), then resume from a model
                   initialised from another seed
@@ -68,6 +69,7 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
         checkpoint_dir=out / "ckpt" / (ckpt or name),
         checkpoint_every=3, scheduler=sched, progress=None, strategy="fsdp",
         blocks=None if presharded else linear_layers,
+        compile={"backend": "aot_eager"} if presharded else False, detect_nonfinite=presharded,
     )
     loader = torchfast.distributed.data_loader(dataset(), PER_RANK, shuffle=True, num_workers=0)
     try:
@@ -92,6 +94,8 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
             "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()
                              if isinstance(p, DTensor)},
             "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
+            "compiled_blocks": sorted(n for n, m in model.named_modules() if hasattr(m, "_compiled_call_impl")
+                                      and m._compiled_call_impl is not None),
             "optimizer_holds_model_params": {id(p) for g in opt.param_groups for p in g["params"]}
             == {id(p) for p in model.parameters()},
         }, out / f"{name}.pt")
