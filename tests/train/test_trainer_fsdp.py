@@ -143,6 +143,12 @@ def test_the_model_was_sharded_by_the_users_rule(out: Path):
     assert got["optimizer_holds_model_params"]
 
 
+def test_gradients_are_reduced_once_per_step(out: Path):
+    """accumulate=2: the first micro-batch's backward runs with FSDP2's gradient sync off, so each of
+    the 3 groups reduce-scatters once per optimizer step (12 steps: 36), not once per micro-batch (72)."""
+    assert load(out, "parity")["gradient_reductions"] == 12 * 3
+
+
 def test_a_model_sharded_by_the_caller_and_compiled_trains_the_same(out: Path):
     """shard() by the caller, then Trainer(strategy="fsdp", compile={"backend": "aot_eager"},
     detect_nonfinite=True): the Trainer compiles the two sharded blocks in place, and the losses are

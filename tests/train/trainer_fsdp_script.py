@@ -51,6 +51,26 @@ rank = world.rank
                                     "MASTER_ADDR", "TORCHELASTIC_RUN_ID")}))
 
 
+def count_gradient_reductions() -> list[int]:
+    """Counts FSDP2's gradient reductions (one call per group and reduction) by wrapping the function its
+    parameter groups call, torch 2.13's private `_fsdp_param_group.foreach_reduce`: there is no public
+    hook (DDP's comm hook has no FSDP2 counterpart). A torch that renames it fails here, loudly."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    calls = [0]
+    real = _fsdp_param_group.foreach_reduce
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    _fsdp_param_group.foreach_reduce = counted
+    return calls
+
+
+reductions = count_gradient_reductions()
+
+
 def linear_layers(name: str, module: nn.Module) -> bool:
     """The user's wrapping rule: every Linear (torchfast.nn.Linear is one) is its own FSDP2 group."""
     return isinstance(module, nn.Linear)
@@ -72,6 +92,7 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
         compile={"backend": "aot_eager"} if presharded else False, detect_nonfinite=presharded,
     )
     loader = torchfast.distributed.data_loader(dataset(), PER_RANK, shuffle=True, num_workers=0)
+    reductions[0] = 0
     try:
         val_data = dataset(seed=5) if val else None
         result = trainer.fit(loader, EPOCHS, val_data, batch_size=PER_RANK, resume=resume)
@@ -84,9 +105,12 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
                         "files": sorted(p.name for p in latest.iterdir())}, out / f"{name}.pt")
         return
     weights = {n: p.full_tensor() for n, p in model.named_parameters()}  # a collective: every rank
+    reduced = reductions[0]
+    reductions[0] = 0
     if rank == 0:
         torch.save({
             "losses": result.losses, "val_losses": result.val_losses, "steps": result.steps,
+            "gradient_reductions": reduced,
             "resumed_from": result.resumed_from,
             "weights": weights,
             "fsdp_modules": sorted(n or "<root>" for n, m in model.named_modules()
