@@ -68,8 +68,7 @@ def save(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    barrier()  # every rank past the previous publication: all read the same `latest` below
-    published = latest(root)
+    published = latest(root)  # the same on every rank: each save ends with a barrier after publishing
     name = step_name(step)
     if published is not None and published.name == name:
         # A fresh run in an old checkpoint_dir reaching a step that is already published: write
@@ -93,6 +92,9 @@ def save(
         for old in root.glob("step-*"):
             if old.is_dir() and old.name != path.name:
                 shutil.rmtree(old, ignore_errors=True)
+    # No rank may read `latest` before rank 0 has rewritten it: a rank that went on would otherwise see
+    # the previous checkpoint (its folder removed just above) in fit(resume=True) or checkpoint_path.
+    barrier()
     return path
 
 

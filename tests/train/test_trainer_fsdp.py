@@ -182,6 +182,20 @@ def test_sharded_resume_after_a_crash_is_exact(out: Path, crash: int, reference:
     assert not torch.equal(reference["weights"]["0.weight"], make_model()[0].weight)
 
 
+def test_resume_straight_after_a_run_sees_its_last_checkpoint(out: Path):
+    """fit(resume=True) right after fit() in the same processes continues from the checkpoint just
+    written, on both ranks: rank 0 publishes it (rewrites `latest`) before any rank returns from the
+    write. Without that, rank 1 read the previous `latest`, whose folder rank 0 had already removed,
+    and failed with FileNotFoundError (seen with docs/distributed.md's example under torchrun)."""
+    reference, more = load(out, "reference"), load(out, "more")
+    assert reference["checkpoints"][0] == reference["checkpoints"][1]
+    assert reference["checkpoints"][0].endswith("step-00000012")
+    assert more["resumed_from"] == reference["checkpoints"][0]
+    assert more["steps"] == 16 and more["losses"][:12] == reference["losses"]
+    assert more["checkpoints"][0] == more["checkpoints"][1]
+    assert more["checkpoints"][0].endswith("step-00000016")
+
+
 def test_mixing_ddp_and_fsdp_is_refused_by_name_on_both_ranks(out: Path):
     """Each call raised on both ranks before any collective (the worker's barrier after each would have
     hung otherwise), naming the module."""

@@ -12,6 +12,7 @@ clipping. Runs, in order (rank 0 writes OUT/<run>.pt: losses and the gathered fi
   presharded      the same model sharded by the caller, then given to the Trainer with compile=
                   (aot_eager: each sharded block compiled in place) and detect_nonfinite=True
   reference       dropout 0.2 (so the RNG state matters), a sharded checkpoint every 3 steps
+  more            right after it, in the same processes: resume=True for a 4th epoch
   crash13/resume13  crash in step 7 (last checkpoint: step 6, mid-epoch), then resume from a model
                   initialised from another seed
   reference-bf16  the same as reference under amp="bf16" (autocast)
@@ -78,7 +79,7 @@ def linear_layers(name: str, module: nn.Module) -> bool:
 
 def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed: int = 0,
         dropout: float = 0.2, presharded: bool = False, ckpt: str | None = None, amp: str = "off",
-        val: bool = False) -> None:
+        val: bool = False, epochs: int = EPOCHS) -> None:
     model = make_model(seed=seed, dropout=dropout)
     if presharded:
         model = torchfast.distributed.shard(model, blocks=linear_layers)
@@ -95,7 +96,7 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
     reductions[0] = 0
     try:
         val_data = dataset(seed=5) if val else None
-        result = trainer.fit(loader, EPOCHS, val_data, batch_size=PER_RANK, resume=resume)
+        result = trainer.fit(loader, epochs, val_data, batch_size=PER_RANK, resume=resume)
     except Crash:
         # every rank crashes at the same loss call, before the backward's reduce-scatter: none waits
         dist.barrier()
@@ -107,10 +108,12 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
     weights = {n: p.full_tensor() for n, p in model.named_parameters()}  # a collective: every rank
     reduced = reductions[0]
     reductions[0] = 0
+    checkpoints = [None, None]  # what each rank reports as the newest checkpoint
+    dist.all_gather_object(checkpoints, result.checkpoint)
     if rank == 0:
         torch.save({
             "losses": result.losses, "val_losses": result.val_losses, "steps": result.steps,
-            "gradient_reductions": reduced,
+            "gradient_reductions": reduced, "checkpoints": checkpoints,
             "resumed_from": result.resumed_from,
             "weights": weights,
             "fsdp_modules": sorted(n or "<root>" for n, m in model.named_modules()
@@ -167,6 +170,10 @@ run("presharded", dropout=0.0, presharded=True)
 for crash, amp in ((13, "off"), (9, "bf16")):
     torch.manual_seed(123)
     run("reference" if amp == "off" else f"reference-{amp}", amp=amp)
+    if amp == "off":
+        # straight on, in the same processes (as docs/distributed.md's example): resume from the
+        # checkpoint the run above has just published, for one more epoch
+        run("more", resume=True, seed=99, ckpt="reference", epochs=EPOCHS + 1)
     torch.manual_seed(7)  # a different global RNG state: the checkpoint must restore it
     run(f"crash{crash}", crash_after=crash, ckpt=f"crash{crash}", amp=amp)
     run(f"resume{crash}", resume=True, seed=99, ckpt=f"crash{crash}", amp=amp)
