@@ -22,6 +22,7 @@ import torch
 
 from tests.train.common import crashing_mse, dataset, make_model
 from tests.train.test_distributed import ROOT
+from torchfast import Trainer
 from torchfast import distributed as tfdist
 
 SCRIPT = ROOT / "tests" / "train" / "trainer_fsdp_script.py"
@@ -112,12 +113,11 @@ def test_fsdp_on_two_nodes_matches_one_process(out: Path):
     torch.set_num_threads(1)
     model = make_model(dropout=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    from torchfast import Trainer
-
-    result = Trainer(model, opt, crashing_mse(None), amp="off", accumulate=2, grad_clip=1.0,
-                     scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5),
-                     progress=None).fit(tfdist.data_loader(dataset(), 8, shuffle=True, num_workers=0), 3,
-                                        dataset(seed=5), batch_size=8)
+    trainer = Trainer(model, opt, crashing_mse(None), amp="off", accumulate=2, grad_clip=1.0,
+                      scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5),
+                      progress=None, device="cpu")
+    loader = tfdist.data_loader(dataset(), 8, shuffle=True, num_workers=0)
+    result = trainer.fit(loader, 3, dataset(seed=5), batch_size=8)
     tfdist.cleanup()
     got = load(out, "parity")
     assert got["steps"] == result.steps == 12

@@ -45,7 +45,8 @@ PER_RANK, ACCUMULATE, EPOCHS = 4, 2, 3
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
 t0 = time.perf_counter()
-world = torchfast.distributed.init(expected_world_size=2)
+# CPU processes over Gloo even where a GPU is visible (two ranks cannot share one GPU under NCCL)
+world = torchfast.distributed.init(device="cpu", expected_world_size=2)
 rank = world.rank
 (out / f"env-rank{rank}.json").write_text(json.dumps(
     {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
