@@ -11,6 +11,7 @@ clipping. Runs, in order (rank 0 writes OUT/<run>.pt: losses and the gathered fi
                   global batches (losses, validation losses, final weights)
   presharded      the same model sharded by the caller, then given to the Trainer with compile=
                   (aot_eager: each sharded block compiled in place) and detect_nonfinite=True
+  mp-bf16         parity's run with fsdp_options={"mp_policy": bfloat16 compute, float32 reduction}
   reference       dropout 0.2 (so the RNG state matters), a sharded checkpoint every 3 steps
   more            right after it, in the same processes: resume=True for a 4th epoch
   crash13/resume13  crash in step 7 (last checkpoint: step 6, mid-epoch), then resume from a model
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -80,7 +81,7 @@ def linear_layers(name: str, module: nn.Module) -> bool:
 
 def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed: int = 0,
         dropout: float = 0.2, presharded: bool = False, ckpt: str | None = None, amp: str = "off",
-        val: bool = False, epochs: int = EPOCHS) -> None:
+        val: bool = False, epochs: int = EPOCHS, fsdp_options: dict | None = None) -> None:
     model = make_model(seed=seed, dropout=dropout)
     if presharded:
         model = torchfast.distributed.shard(model, blocks=linear_layers)
@@ -90,7 +91,7 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
         model, opt, crashing_mse(crash_after), amp=amp, accumulate=ACCUMULATE, grad_clip=1.0,
         checkpoint_dir=out / "ckpt" / (ckpt or name),
         checkpoint_every=3, scheduler=sched, progress=None, strategy="fsdp",
-        blocks=None if presharded else linear_layers,
+        blocks=None if presharded else linear_layers, fsdp_options=fsdp_options,
         compile={"backend": "aot_eager"} if presharded else False, detect_nonfinite=presharded,
     )
     loader = torchfast.distributed.data_loader(dataset(), PER_RANK, shuffle=True, num_workers=0)
@@ -122,6 +123,7 @@ def run(name: str, *, crash_after: int | None = None, resume: bool = False, seed
             "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()
                              if isinstance(p, DTensor)},
             "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
+            "param_dtypes": sorted({str(p.dtype) for p in model.parameters()}),
             "compiled_blocks": sorted(n for n, m in model.named_modules() if hasattr(m, "_compiled_call_impl")
                                       and m._compiled_call_impl is not None),
             "optimizer_holds_model_params": {id(p) for g in opt.param_groups for p in g["params"]}
@@ -168,6 +170,8 @@ def errors() -> dict:
 
 run("parity", dropout=0.0, val=True)
 run("presharded", dropout=0.0, presharded=True)
+run("mp-bf16", dropout=0.0, fsdp_options={"mp_policy": MixedPrecisionPolicy(
+    param_dtype=torch.bfloat16, reduce_dtype=torch.float32)})
 for crash, amp in ((13, "off"), (9, "bf16")):
     torch.manual_seed(123)
     run("reference" if amp == "off" else f"reference-{amp}", amp=amp)
