@@ -202,7 +202,7 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         raise ValueError(
             f"torchfast.distributed.wrap: module {sharded!r} of the model is already sharded with FSDP2 "
             "(fully_shard); DDP and FSDP cannot be mixed: both reduce the gradients. Train the sharded "
-            "model without DDP (the Trainer wraps its model in DDP: use your own loop, see "
+            "model without DDP (torchfast.Trainer(..., strategy='fsdp') takes it as it is; see "
             "docs/distributed.md)"
         )
     w = world()

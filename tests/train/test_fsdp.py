@@ -88,7 +88,9 @@ def test_bad_input_is_refused_by_name_on_both_ranks(results: dict):
     assert "module 'layers.1' of the model is a DistributedDataParallel" in m["ddp-inside"], m
     assert m["ddp-over-fsdp"].startswith("ValueError: torchfast.distributed.wrap: module '<root>'"), m
     assert "already sharded" in m["twice"], m
-    assert "torchfast.distributed.wrap: module '<root>' of the model is already sharded" in m["trainer"], m
+    # the Trainer's default strategy="ddp" would wrap it in DDP: refused, pointing at strategy="fsdp"
+    assert ("torchfast.Trainer: module '<root>' of the model is sharded with FSDP2 (fully_shard), but "
+            "strategy='ddp'") in m["trainer"] and "pass strategy='fsdp'" in m["trainer"], m
     assert "'layers.2.side.2.weight' (group 'layers.2')" in m["shared-between-blocks"], m
     assert "'layers.0.self_attn.o_proj.weight' (group 'layers.0')" in m["shared-between-blocks"], m
 
