@@ -113,7 +113,8 @@ def _gen() -> torch.Generator:
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     tol = 1e-5 if a.dtype in (torch.float32, torch.float64) else 2e-2
-    return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+    same = a.shape == b.shape and a.dtype == b.dtype
+    return same and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
 
 
 def _same(module: nn.Module, forward, *inputs) -> bool:
@@ -153,6 +154,14 @@ def _activation(act: nn.Module, device, dtype) -> str | None:
 
 
 # ---- finding the parts ------------------------------------------------------------------------------
+
+def _has(m: nn.Module, kind, *names: str) -> bool:
+    """Whether m has children `names` of class `kind` (a class, or a class name: transformers' Conv1D)."""
+    children = [getattr(m, n, None) for n in names]
+    if isinstance(kind, str):
+        return all(type(c).__name__ == kind for c in children)
+    return all(isinstance(c, kind) for c in children)
+
 
 class _Plan:
     def __init__(self, model: nn.Module, exclude: tuple[str, ...], kernels):
@@ -213,16 +222,14 @@ class _Plan:
         p = _param(m)
         act = _activation(act_module, p.device, p.dtype)
         if act is None:
-            self.left(name, "mlp", old, f"activation {type(act_module).__name__} is not swish, gelu or gelu tanh")
+            self.left(name, "mlp", old,
+                      f"activation {type(act_module).__name__} is not swish, gelu or gelu tanh")
             return
         make = {"gated": _layers.gated_mlp_forward, "packed": _layers.packed_mlp_forward,
                 "conv1d": _layers.conv1d_mlp_forward}[kind]
         forward = make(act)
-        width = m.c_fc.weight.shape[0] if kind == "conv1d" else _param(m).shape[-1]
-        if kind == "gated":
-            width = m.gate_proj.in_features
-        elif kind == "packed":
-            width = m.gate_up_proj.in_features
+        first = {"gated": "gate_proj", "packed": "gate_up_proj", "conv1d": "c_fc"}[kind]
+        width = getattr(m, first).weight.shape[0 if kind == "conv1d" else 1]  # Conv1D's weight: [in, out]
         if _same(m, forward, _rows(m, width)):
             new = {"conv1d": f"torchfast.bias_act({act!r})"}.get(kind, f"torchfast glu ({act}) + down_proj")
             self.replace(name, m, "mlp", None, forward, new)
@@ -258,9 +265,13 @@ class _Plan:
             if not all(_close(w, h) for w, h in zip(want, got)):
                 self.left(name, "rope", old, f"{key} does not compute transformers' rotate-half rotation")
                 continue
-            self.hooked.append((name, _func_holder(func), {"rotary_pos_emb": _layers.RotaryLayer}))
-            self.report.replaced.append(Patched(name, "rope", old, "kernels.kernelize (hook 'rotary_pos_emb')",
-                                                "torchfast.rope"))
+            if self.kernels is not None:
+                self.hooked.append((name, _func_holder(func), {"rotary_pos_emb": _layers.RotaryLayer}))
+                how = "kernels.kernelize (hook 'rotary_pos_emb')"
+            else:  # the wrapper exists but kernels cannot be imported: bind its forward as kernelize would
+                self.bound.append((name, func, _layers.RotaryLayer.forward))
+                how = "instance forward"
+            self.report.replaced.append(Patched(name, "rope", old, how, "torchfast.rope"))
 
     def loss(self) -> None:
         model = self.model
@@ -275,7 +286,8 @@ class _Plan:
         if type(head) is not nn.Linear:
             self.left("", "loss", old, f"output embeddings are {type(head).__name__}, not nn.Linear")
         elif getattr(loss_fn, "__name__", "") != "ForCausalLMLoss":
-            self.left("", "loss", old, f"loss_function is {getattr(loss_fn, '__name__', loss_fn)}, not ForCausalLMLoss")
+            self.left("", "loss", old,
+                      f"loss_function is {getattr(loss_fn, '__name__', loss_fn)}, not ForCausalLMLoss")
         else:
             self.bound.append(("", model, causal_lm_forward(type(model).forward)))
             self.report.replaced.append(Patched("", "loss", old, "instance forward",
@@ -288,14 +300,11 @@ class _Plan:
                 self.layer_norm(name, m)
             elif cls.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter):
                 self.norm(name, m)
-            elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")) \
-                    and isinstance(getattr(m, "act_fn", None), nn.Module):
+            elif _has(m, nn.Linear, "gate_proj", "up_proj", "down_proj") and _has(m, nn.Module, "act_fn"):
                 self.mlp(name, m, "gated", m.act_fn)
-            elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_up_proj", "down_proj")) \
-                    and isinstance(getattr(m, "activation_fn", None), nn.Module):
+            elif _has(m, nn.Linear, "gate_up_proj", "down_proj") and _has(m, nn.Module, "activation_fn"):
                 self.mlp(name, m, "packed", m.activation_fn)
-            elif type(getattr(m, "c_fc", None)).__name__ == "Conv1D" and \
-                    type(getattr(m, "c_proj", None)).__name__ == "Conv1D" and isinstance(getattr(m, "act", None), nn.Module):
+            elif _has(m, "Conv1D", "c_fc", "c_proj") and _has(m, nn.Module, "act"):
                 self.mlp(name, m, "conv1d", m.act)
             elif cls.endswith("Attention"):
                 self.rotary(name, m)

@@ -52,8 +52,9 @@ class PatchReport:
                 "left_alone": [asdict(s) for s in self.left_alone]}
 
     def table(self) -> str:
-        lines = [f"torchfast.transformers.patch({self.model}): {len(self.replaced)} modules replaced, "
-                 f"{len(self.left_alone)} parts left as they are; {self.kernels}"]
+        head = (f"torchfast.transformers.patch({self.model}): {len(self.replaced)} modules replaced, "
+                f"{len(self.left_alone)} parts left as they are; {self.kernels}")
+        lines = [head]
         if self.replaced:
             rows = _grouped([(r.name, (r.part, r.old, r.how, r.new)) for r in self.replaced])
             lines += _columns(["replaced", "part", "old", "how", "new"], rows)
