@@ -313,3 +313,58 @@ def test_bad_arguments():
     _, model, _ = _twins("llama")
     with pytest.raises(ValueError, match=r"argument 'exclude' has unknown parts \['attention'\]"):
         tft.patch(model, exclude="attention")
+
+
+def test_onnx_export_of_a_patched_model(tmp_path):
+    """The whole patched causal LM (eval, no cache) exports with torchfast's exporter and runs in
+    onnxruntime (torchfast.export.onnx verifies it); at opset 23 torchfast's norms and rotary become
+    ONNX's RMSNormalization and RotaryEmbedding, which the unpatched model's graph would not hold."""
+    onnx = pytest.importorskip("onnx")
+    import torchfast.export
+
+    _, model, _ = _twins("llama")
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids, use_cache=False).logits
+
+    ids, _ = _batch()
+    result = torchfast.export.onnx(Logits(model).eval(), (ids,), tmp_path / "llama.onnx", opset=23)
+    assert result.max_error < 1e-4
+    ops = [n.op_type for n in onnx.load(result.path).graph.node]
+    assert ops.count("RMSNormalization") == 5  # two per layer and the final norm
+    assert ops.count("RotaryEmbedding") >= 2
+
+
+def test_trainer_runs_the_patched_model(tmp_path):
+    """transformers.Trainer on a tiny in-memory dataset: the same logged losses as the unpatched model
+    (the Trainer passes num_items_in_batch: the loss is a sum divided by it, as transformers does)."""
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    ref, model, _ = _twins("qwen2")
+    data = []
+    for i in range(8):
+        ids, labels = _batch(seed=10 + i, batch=1)
+        data.append({"input_ids": ids[0], "labels": labels[0]})
+
+    def run(m, out):
+        args = TrainingArguments(output_dir=out, use_cpu=True, report_to=[], max_steps=4, logging_steps=1,
+                                 per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                 learning_rate=1e-3, save_strategy="no", seed=0, disable_tqdm=True)
+        trainer = Trainer(model=m, args=args, train_dataset=data)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    with _Ops() as ops:
+        losses = run(model, tmp_path / "patched")
+    assert "linear_cross_entropy" in ops.names
+    losses_ref = run(ref, tmp_path / "unpatched")
+    assert len(losses) == 4
+    for step, (a, b) in enumerate(zip(losses, losses_ref)):
+        assert abs(a - b) <= 1e-4, f"step {step}: patched {a} vs unpatched {b}"
+    assert tft.is_patched(model)

@@ -15,6 +15,7 @@ forward runs, unchanged.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -59,6 +60,9 @@ def causal_lm_forward(cls_forward):
     signature = inspect.signature(cls_forward)
     var_kw = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
 
+    # wraps: inspect.signature(model.forward) stays the class's, which the Trainer reads (the columns it
+    # keeps, whether the model takes num_items_in_batch).
+    @functools.wraps(cls_forward)
     def forward(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         labels = bound.arguments.get("labels")
