@@ -192,6 +192,24 @@ def test_second_instance_of_the_same_class_is_unaffected():
     assert all(torch.equal(g, grads_ref[n]) for n, g in grads.items())
 
 
+def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
+    ref, model, _ = _twins("gemma2")
+    twin = copy.deepcopy(model)
+    assert tft.is_patched(twin)
+    ids, labels = _batch()
+    with _Ops() as ops:
+        out, _ = _step(twin, ids, labels)
+    assert {"rms_norm", "rope", "geglu", "linear_cross_entropy"} <= ops.names
+    tft.unpatch(twin)  # the copy's bound forwards and kernelized wrappers are its own
+    with _Ops() as ops:
+        _step(model, ids, labels)
+    assert {"rms_norm", "rope", "geglu", "linear_cross_entropy"} <= ops.names
+    with torch.no_grad(), _Ops() as ops:
+        twin.eval()(input_ids=ids)
+    assert not ops.names
+    torch.testing.assert_close(out.loss, _step(ref, ids, labels)[0].loss, rtol=1e-5, atol=1e-6)
+
+
 def _curve(model, steps: int = 20, seed: int = 3):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     losses = []
