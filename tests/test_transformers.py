@@ -411,3 +411,25 @@ def test_torch_compile_fullgraph_aot_eager():
 def test_torch_compile_inductor():
     """The same under inductor (about a minute of compiling on 2 cores)."""
     _compiled_step_matches("inductor")
+
+
+def test_bfloat16_model_and_activation_checkpointing():
+    """A model cast to bfloat16 (weights too) patches and matches its twin within bf16 rounding; with
+    activation checkpointing (transformers re-runs each decoder layer in backward) the float32 loss and
+    gradients are the unpatched ones."""
+    ref, model, _ = _twins("qwen3")
+    ids, labels = _batch()
+    low, low_ref = copy.deepcopy(ref).to(torch.bfloat16), copy.deepcopy(ref).to(torch.bfloat16)
+    assert {"rms_norm", "rope", "mlp"} <= tft.patch(low).parts()
+    with torch.no_grad():
+        want = ref.eval()(input_ids=ids).logits
+        err = (low.eval()(input_ids=ids).logits.float() - want).abs().max().item()
+        err_ref = (low_ref.eval()(input_ids=ids).logits.float() - want).abs().max().item()
+    assert err <= max(2 * err_ref, 1e-2), (err, err_ref)
+    for m in (model, ref):  # transformers >= 5.25 names it activation_checkpointing_enable
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    out, grads = _step(model, ids, labels)
+    out_ref, grads_ref = _step(ref, ids, labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-6, msg=_named(name))
