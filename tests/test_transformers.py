@@ -433,3 +433,16 @@ def test_bfloat16_model_and_activation_checkpointing():
     torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
     for name, g in grads.items():
         torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-6, msg=_named(name))
+
+
+def test_import_does_not_pull_in_transformers():
+    """`torchfast.transformers` is reachable from `import torchfast`, and importing it does not import
+    the Hugging Face package (patch does, when it runs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torchfast; p = torchfast.transformers.patch; "
+            "print('transformers' in sys.modules, 'kernels' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["False", "False"]
