@@ -11,6 +11,7 @@
 #include <torchfast/activations.h>
 #include <torchfast/rowmap.h>
 
+#include <array>
 #include <vector>
 
 namespace torchfast::cpu {
@@ -45,19 +46,22 @@ void bias_act_fwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, Ro
     using L = MapLanes<T>;
     using C = typename L::C;
     using V = typename L::V;
+    const C* bias_c = static_cast<const C*>(bias);
     parallel_rows(rows, cols, [&](int64_t r, int64_t c0, int64_t len) {
-      const T* xr = row<T>(x, r) + c0;
-      T* yr = row<T>(y, r) + c0;
-      for_steps<L>(len, [&](int64_t i, int64_t n) {
-        V v[L::kN];
-        L::load(xr + i, n, v);
-        if constexpr (decltype(has_bias)::value) {
-          V b[L::kN];
-          L::load_c(static_cast<const C*>(bias) + c0 + i, n, b);
-          for (int k = 0; k < L::kN; ++k) v[k] = v[k] + b[k];
-        }
-        for (int k = 0; k < L::kN; ++k) v[k] = A::fwd(v[k]);
-        L::store(yr + i, n, v);
+      with_float_blocks<T>(len, std::array<const T*, 1>{row<T>(x, r) + c0}, std::array<T*, 1>{row<T>(y, r) + c0},
+                           [&](int64_t off, int64_t count, const auto& in, const auto& out) {
+        using LE = LanesOf<decltype(out)>;
+        for_steps<LE>(count, [&](int64_t i, int64_t n) {
+          V v[LE::kN];
+          LE::load(in[0] + i, n, v);
+          if constexpr (decltype(has_bias)::value) {
+            V b[LE::kN];
+            LE::load_c(bias_c + c0 + off + i, n, b);
+            for (int k = 0; k < LE::kN; ++k) v[k] = v[k] + b[k];
+          }
+          for (int k = 0; k < LE::kN; ++k) v[k] = A::fwd(v[k]);
+          LE::store(out[0] + i, n, v);
+        });
       });
     });
   });
@@ -76,26 +80,28 @@ void bias_act_bwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, Ro
 
     // dx for columns [c0, c0 + len) of row r; adds it to acc[c0 ...] when acc is given.
     auto segment = [&](int64_t r, int64_t c0, int64_t len, C* acc) {
-      const T* gr = row<T>(grad_out, r) + c0;
-      const T* xr = row<T>(x, r) + c0;
-      T* dr = row<T>(grad_in, r) + c0;
-      for_steps<L>(len, [&](int64_t i, int64_t n) {
-        V g[L::kN], v[L::kN];
-        L::load(gr + i, n, g);
-        L::load(xr + i, n, v);
-        if constexpr (decltype(has_bias)::value) {
-          V b[L::kN];
-          L::load_c(bias_c + c0 + i, n, b);
-          for (int k = 0; k < L::kN; ++k) v[k] = v[k] + b[k];
-        }
-        for (int k = 0; k < L::kN; ++k) g[k] = A::bwd(g[k], v[k]);
-        L::store(dr + i, n, g);
-        if (acc != nullptr) {
-          V s[L::kN];
-          L::load_c(acc + c0 + i, n, s);
-          for (int k = 0; k < L::kN; ++k) s[k] = s[k] + g[k];
-          L::store_c(acc + c0 + i, n, s);
-        }
+      with_float_blocks<T>(len, std::array<const T*, 2>{row<T>(grad_out, r) + c0, row<T>(x, r) + c0},
+                           std::array<T*, 1>{row<T>(grad_in, r) + c0},
+                           [&](int64_t off, int64_t count, const auto& in, const auto& out) {
+        using LE = LanesOf<decltype(out)>;
+        for_steps<LE>(count, [&](int64_t i, int64_t n) {
+          V g[LE::kN], v[LE::kN];
+          LE::load(in[0] + i, n, g);
+          LE::load(in[1] + i, n, v);
+          if constexpr (decltype(has_bias)::value) {
+            V b[LE::kN];
+            LE::load_c(bias_c + c0 + off + i, n, b);
+            for (int k = 0; k < LE::kN; ++k) v[k] = v[k] + b[k];
+          }
+          for (int k = 0; k < LE::kN; ++k) g[k] = A::bwd(g[k], v[k]);
+          LE::store(out[0] + i, n, g);
+          if (acc != nullptr) {
+            V s[LE::kN];
+            LE::load_c(acc + c0 + off + i, n, s);
+            for (int k = 0; k < LE::kN; ++k) s[k] = s[k] + g[k];
+            LE::store_c(acc + c0 + off + i, n, s);
+          }
+        });
       });
     };
 
