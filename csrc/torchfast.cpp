@@ -51,6 +51,11 @@ TORCH_LIBRARY(torchfast, m) {
   // the ones not asked for, empty tensors. The backward op recomputes the logits chunk by chunk.
   m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor target, Tensor? bias=None, *, int ignore_index=-100, str reduction=\"mean\", float label_smoothing=0., float z_loss=0., float? softcap=None, int chunk_size=4096, int grad_mask=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor lse, *, int ignore_index=-100, float label_smoothing=0., float z_loss=0., float? softcap=None, int chunk_size=4096, int grad_mask=7) -> (Tensor, Tensor, Tensor)");
+  // Rotary position embedding of q and k (transformers' apply_rotary_pos_emb; interleaved: GPT-J), with
+  // cos/sin broadcast as cos.unsqueeze(unsqueeze_dim) and R = cos.size(-1) <= head dim features rotated
+  // (the rest passes through). The backward op is the transposed rotation (by -sin for RoPE's cos/sin).
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, *, int unsqueeze_dim=1, bool interleaved=False) -> (Tensor, Tensor)");
+  m.def("rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, *, int unsqueeze_dim=1, bool interleaved=False) -> (Tensor, Tensor)");
 }
 
 namespace torchfast::cpu {

@@ -1,27 +1,38 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine WITH a CUDA GPU (`make gpu-check`): builds torchfast with its CUDA
-# kernels, runs the GPU tests (pytest -m gpu) and then the whole test suite, then the GPU benchmarks
-# (benchmarks/bench_*.py --device cuda), and prints a summary table at the end.
+# kernels, runs every GPU test (those marked `gpu`, those parametrized over the cuda device, and the
+# Triton tests, which run on the GPU when there is one), then the benchmarks that take --device cuda,
+# within a time budget (default 8 minutes in all), and prints one summary table at the end.
 #
 #   bash scripts/gpu_check.sh                     # sets up .venv-gpu: torch==2.14.1 (CUDA 13.0 build)
 #   PY=/path/to/python bash scripts/gpu_check.sh  # an environment that already has a CUDA torch
 #
 # The build is of a copy of the source tree as git sees it, in $OUT/src (editable install with
-# TORCHFAST_CUDA=1 into that environment, test extras included), so this tree's own build (the CPU
-# .venv's torchfast/_C*.so) is left alone; tests and benchmarks run from that copy. Knobs:
+# TORCHFAST_CUDA=1 into that environment, test extras included; CUDA for the visible GPU's arch and only
+# the DEFAULT CPU variant, for time), so this tree's own build (the CPU .venv's torchfast/_C*.so) is left
+# alone; tests and benchmarks run from that copy. A step that runs out of its time is stopped and shows
+# as "timed out" in the table. Knobs:
 #   GPU_CHECK_OUT         results folder (default runs/gpu-check): logs, junit XML, benchmark JSON
+#   GPU_CHECK_BUDGET_S    seconds for the whole check, setup and build included (default 480)
+#   GPU_CHECK_BENCH_S     seconds of it kept for the benchmarks (default 150)
+#   GPU_CHECK_BENCH_ARGS  arguments of every benchmark (default "--repeats 5 --warmup 3")
+#   GPU_TESTS             pytest -k expression of the GPU tests (default "cuda or triton or gpu")
+#   GPU_CHECK_ALL_TESTS=1 also run the whole suite afterwards (outside the budget)
 #   TORCHFAST_GPU_VENV    the virtualenv made when PY is unset (default .venv-gpu)
 #   TORCH_GPU_SPEC        torch requirement for that virtualenv (default torch==2.14.1; CUDA 13 needs
 #                         an NVIDIA driver >= 580, pick an older torch for an older driver)
 #   TORCH_CUDA_ARCH_LIST  archs to build (default: those of the visible GPUs)
+#   TORCHFAST_CPU_ISAS    CPU variants to build (default DEFAULT)
 #   PYTEST_ARGS           extra pytest arguments, e.g. "-x"
-# Exit status 0 only when a GPU is visible, the build works, and every test and benchmark passes.
+# Exit status 0 only when a GPU is visible, the build works, and every test and benchmark passes in time.
 set -uo pipefail  # not -e: a failing step is recorded and the later steps still run
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${GPU_CHECK_OUT:-$ROOT/runs/gpu-check}"
 VENV="${TORCHFAST_GPU_VENV:-$ROOT/.venv-gpu}"
 TORCH_SPEC="${TORCH_GPU_SPEC:-torch==2.14.1}"
+BUDGET="${GPU_CHECK_BUDGET_S:-480}"
+BENCH_S="${GPU_CHECK_BENCH_S:-150}"
 START=$SECONDS
 
 fail() {
@@ -41,7 +52,7 @@ elif [ -z "${PY:-}" ] && ! compgen -G "/dev/nvidia[0-9]*" >/dev/null; then
 fi
 
 mkdir -p "$OUT" || fail "cannot create $OUT"
-rm -f "$OUT"/*.xml "$OUT"/*.json "$OUT"/*.log "$OUT"/*.seconds
+rm -f "$OUT"/*.xml "$OUT"/*.json "$OUT"/*.log "$OUT"/*.seconds "$OUT"/*.rc "$OUT/cpu-only-benchmarks.txt"
 
 # ---- 1. the Python environment ----------------------------------------------------------------------
 if [ -n "${PY:-}" ]; then
@@ -90,6 +101,7 @@ SRC="$OUT/src"
   fail "could not copy the source tree (git ls-files) to $SRC"
 BUILD_START=$SECONDS
 if ! (cd "$SRC" && TORCHFAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCHS" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  TORCHFAST_CPU_ISAS="${TORCHFAST_CPU_ISAS:-DEFAULT}" \
   "$PY" -m pip install --no-build-isolation -e ".[test]" >"$OUT/build.log" 2>&1); then
   grep -E "error|FAILED" "$OUT/build.log" | tail -n 30 >&2
   fail "the build failed (log: $OUT/build.log)"
@@ -103,97 +115,63 @@ step "built in ${BUILD_S}s: $("$PY" -c "import torchfast; i = torchfast.build_in
 
 # ---- 3. tests ---------------------------------------------------------------------------------------
 STATUS=0
-run_pytest() {  # name, pytest arguments...
-  local name="$1" t0=$SECONDS rc
-  shift
-  step "pytest $* (log: $OUT/$name.log)"
-  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-  "$PY" -m pytest -q -rfEs --junitxml="$OUT/$name.xml" ${PYTEST_ARGS:-} "$@" tests >"$OUT/$name.log" 2>&1
-  rc=$?
-  tail -n 3 "$OUT/$name.log"
+left() { echo $((BUDGET - (SECONDS - START))); }
+# timed LIMIT NAME COMMAND...: runs COMMAND with its output in $OUT/NAME.log, stopped (SIGINT, so pytest
+# still writes its report; SIGKILL 20 s later) after LIMIT seconds; records the seconds and the status.
+timed() {
+  local limit="$1" name="$2" t0=$SECONDS rc
+  shift 2
+  if [ "$limit" -le 0 ]; then
+    echo "out of time before it started" >"$OUT/$name.log"
+    rc=124
+  else
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+  fi
   echo "$((SECONDS - t0))" >"$OUT/$name.seconds"
-  [ "$rc" -eq 0 ] || STATUS=1  # exit 5 (no test collected) counts as a failure too
+  echo "$rc" >"$OUT/$name.rc"
+  [ "$rc" -eq 0 ] || STATUS=1  # pytest's exit 5 (no test collected) counts as a failure too
+  return "$rc"
 }
-run_pytest gpu-tests -m gpu
-run_pytest all-tests
+step "pytest -k '${GPU_TESTS:-cuda or triton or gpu}' (log: $OUT/gpu-tests.log; $(($(left) - BENCH_S)) s left for it)"
+# shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+timed $(($(left) - BENCH_S)) gpu-tests "$PY" -m pytest -q -rfEs --junitxml="$OUT/gpu-tests.xml" ${PYTEST_ARGS:-} \
+  -k "${GPU_TESTS:-cuda or triton or gpu}" tests
+tail -n 3 "$OUT/gpu-tests.log"
 
 # ---- 4. benchmarks ----------------------------------------------------------------------------------
+# Only those that take --device cuda (the others measure the CPU kernels); the time left is shared out.
+benches=()
 for bench in benchmarks/bench_*.py; do
-  [ -e "$bench" ] || continue
-  name="$(basename "$bench" .py)"
-  step "$bench --device cuda (log: $OUT/$name.log)"
-  if ! "$PY" "$bench" --device cuda --json "$OUT/$name.json" >"$OUT/$name.log" 2>&1; then
-    tail -n 15 "$OUT/$name.log" >&2
-    echo "gpu_check: $bench failed (log: $OUT/$name.log)" >&2
-    STATUS=1
+  if grep -q -e '"--device"' -e 'common_args(' "$bench"; then
+    benches+=("$bench")
+  else
+    echo "$bench" >>"$OUT/cpu-only-benchmarks.txt"
   fi
 done
+for i in "${!benches[@]}"; do
+  bench="${benches[$i]}"
+  name="$(basename "$bench" .py)"
+  limit=$(($(left) / (${#benches[@]} - i)))
+  step "$bench --device cuda ${GPU_CHECK_BENCH_ARGS:---repeats 5 --warmup 3} (log: $OUT/$name.log; ${limit} s)"
+  # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of words
+  if ! timed "$limit" "$name" "$PY" "$bench" --device cuda ${GPU_CHECK_BENCH_ARGS:---repeats 5 --warmup 3} \
+    --json "$OUT/$name.json"; then
+    tail -n 15 "$OUT/$name.log" >&2
+    echo "gpu_check: $bench failed or ran out of time (log: $OUT/$name.log)" >&2
+  fi
+done
+if [ "${GPU_CHECK_ALL_TESTS:-0}" = "1" ]; then
+  step "the whole suite (GPU_CHECK_ALL_TESTS=1, outside the budget; log: $OUT/all-tests.log)"
+  # shellcheck disable=SC2086
+  timed 3600 all-tests "$PY" -m pytest -q -rfEs --junitxml="$OUT/all-tests.xml" ${PYTEST_ARGS:-} tests
+  tail -n 3 "$OUT/all-tests.log"
+fi
 
 # ---- 5. summary -------------------------------------------------------------------------------------
-"$PY" - "$OUT" "${GPU_DESC#* }, arch $ARCHS" "$BUILD_S" <<'EOF'
-"""Summary table: test counts from the junit XML files, median speedups from the benchmark JSON."""
-import json
-import statistics
-import sys
-import xml.etree.ElementTree as ET
-from pathlib import Path
-
-out, gpu, build_s = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-
-
-def table(headers, rows):
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*headers), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
-
-
-rows = [("build", f"ok, {build_s} s", "")]
-for name in ("gpu-tests", "all-tests"):
-    xml, secs = out / f"{name}.xml", out / f"{name}.seconds"
-    took = f"{secs.read_text().strip()} s" if secs.exists() else ""
-    if not xml.exists():
-        rows.append((name, "no result (see the log)", took))
-        continue
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    for suite in ET.parse(xml).getroot().iter("testsuite"):
-        for k in counts:
-            counts[k] += int(suite.get(k, 0))
-    failed = counts["failures"] + counts["errors"]
-    passed = counts["tests"] - failed - counts["skipped"]
-    rows.append((name, f"{passed} passed, {failed} failed, {counts['skipped']} skipped", took))
-
-bench_rows = []
-for log in sorted(out.glob("bench_*.log")):
-    path = log.with_suffix(".json")
-    if not path.exists():
-        rows.append((path.stem, f"failed, no results (see {log.name})", ""))
-        continue
-    try:
-        data = json.loads(path.read_text())
-        groups = {}
-        for case in data["cases"]:
-            p = case["params"]
-            for target, per_base in case.get("speedup", {}).items():
-                for base, stats in per_base.items():
-                    key = (p["mode"], p["dtype"], target, base)
-                    groups.setdefault(key, []).append(stats["median"])
-        for (mode, dtype, target, base), ratios in sorted(groups.items()):
-            bench_rows.append((path.stem, mode, dtype, f"{target} vs {base}",
-                               f"{statistics.median(ratios):.2f}x", f"{min(ratios):.2f}x..{max(ratios):.2f}x",
-                               len(ratios)))
-        rows.append((path.stem, "ok", f"{data.get('elapsed_s', 0):.0f} s"))
-    except (KeyError, TypeError, ValueError) as e:
-        rows.append((path.stem, f"unreadable JSON: {type(e).__name__}: {e}", ""))
-
-print(f"\n==== GPU check: {gpu} ====")
-print(table(["step", "result", "time"], rows))
-if bench_rows:
-    print("\nBenchmarks: speedup = baseline time / torchfast time, median (and range) over the sizes")
-    print(table(["benchmark", "mode", "dtype", "comparison", "median", "range", "sizes"], bench_rows))
-print(f"\nlogs, junit XML and benchmark JSON: {out}")
-EOF
+"$PY" "$ROOT/scripts/gpu_check_summary.py" "$OUT" "${GPU_DESC#* }" "$ARCHS" "$BUILD_S" "$((SECONDS - START))" "$BUDGET"
 if [ "$STATUS" -eq 0 ]; then
-  step "OK: GPU tests, whole suite and benchmarks passed"
+  step "OK: the GPU tests and the benchmarks passed within the budget"
 else
   step "FAILED: see the summary above and the logs in $OUT"
 fi

@@ -20,10 +20,10 @@ from torchfast._info import build_info
 from torchfast._optimize import OptimizeReport, OptimizeVerificationError, optimize
 from torchfast._registry import REGISTRY, use_impl
 from torchfast.ops import (add_rms_norm, bias_act, cross_entropy, geglu, layer_norm, linear_cross_entropy, rms_norm,
-                           swiglu, swish)
+                           rope, swiglu, swish)
 from torchfast.trainer import FitResult, Trainer
 
 __version__ = "0.1.0"
 __all__ = ["REGISTRY", "FitResult", "OptimizeReport", "OptimizeVerificationError", "Trainer", "add_rms_norm", "amp",
            "bias_act", "build_info", "compress", "cross_entropy", "distributed", "export", "geglu", "hooks", "layer_norm", "linear_cross_entropy", "nn",
-           "ops", "optimize", "profiling", "rms_norm", "swiglu", "swish", "use_impl"]
+           "ops", "optimize", "profiling", "rms_norm", "rope", "swiglu", "swish", "use_impl"]

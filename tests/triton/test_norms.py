@@ -172,9 +172,8 @@ def test_opcheck_schema_and_autograd_registration():
     torch.library.opcheck(torch.ops.torchfast.layer_norm_triton.default, (x, w, w, 1e-5), test_utils=utils)
 
 
-def test_rows_longer_than_a_block_and_bad_input_get_clear_errors():
-    with pytest.raises(RuntimeError, match=r"torchfast\.rms_norm \(triton\): rows of 70000 elements"):
-        torchfast.rms_norm(torch.randn(1, 70000, device=DEVICE), impl="triton")
+def test_bad_input_gets_clear_errors():
+    # (Rows longer than one block are not an error: tests/triton/test_norm_rows.py runs them.)
     with pytest.raises(RuntimeError, match=r"torchfast\.layer_norm: argument 'weight' has shape \(3,\)"):
         torchfast.layer_norm(torch.randn(2, 4, device=DEVICE), torch.ones(3, device=DEVICE), impl="triton")
 

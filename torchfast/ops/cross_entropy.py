@@ -339,7 +339,10 @@ def _check_target(op: str, target, x, x_arg: str) -> None:
     if target.device != x.device:
         raise RuntimeError(f"torchfast.{op}: '{x_arg}' is on {x.device} but 'target' is on {target.device}; they "
                            "must be on the same device")
-    if x.dim() < 1 or tuple(target.shape) != tuple(x.shape[:-1]):
+    if x.dim() < 1:  # (the shape message below would read "shape () but 'logits' has shape ()")
+        raise RuntimeError(f"torchfast.{op}: argument '{x_arg}' is 0-dimensional; it needs a last dimension "
+                           "(the classes)")
+    if tuple(target.shape) != tuple(x.shape[:-1]):
         raise RuntimeError(f"torchfast.{op}: argument 'target' has shape {tuple(target.shape)} but '{x_arg}' has "
                            f"shape {tuple(x.shape)}; target must have the shape of {x_arg} without its last "
                            f"dimension ({tuple(x.shape[:-1])})")

@@ -49,7 +49,7 @@ def check_args(op: str, x: torch.Tensor, eps: float, params: dict[str, torch.Ten
     dtypes=False skips the dtype rules: under autocast the op's autocast rule fixes dtypes first."""
     if not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
         raise ValueError(f"torchfast.{op}: eps must be a finite number >= 0 (it keeps 1/sqrt(variance + eps) "
-                         f"finite); got {eps}")
+                         f"finite); got {eps!r}")
     if x.dim() < 1:
         raise RuntimeError(f"torchfast.{op}: argument 'x' must have at least one dimension (the last one is "
                            "normalized); got a 0-d tensor")

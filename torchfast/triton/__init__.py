@@ -41,3 +41,15 @@ def unavailable_reason(device_type: str) -> str | None:
     if device_type not in ("cuda", "cpu"):
         return f"Triton kernels do not run on '{device_type}'"
     return None
+
+
+# CUDA's limit on gridDim.x, which is the limit of a Triton launch grid's axis 0 (axes 1 and 2: 65535).
+MAX_GRID_0 = 2**31 - 1
+
+
+def row_grid(rows: int, op: str) -> tuple[int]:
+    """The grid of a launch with one program per row: (rows,), or a clear error past MAX_GRID_0 rows."""
+    if rows > MAX_GRID_0:
+        raise RuntimeError(f"torchfast.{op} (triton): {rows} rows are more than the {MAX_GRID_0} programs a "
+                           "launch grid holds (one per row); use impl='native'")
+    return (rows,)

@@ -50,7 +50,7 @@ from torchfast.reference.cross_entropy import (
     lse_grad_term,
     reduce_loss,
 )
-from torchfast.triton import unavailable_reason
+from torchfast.triton import row_grid, unavailable_reason
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements of a row per loop step: 4096 fp32 values are 16 per thread at 8 warps. Module-level so tests
@@ -244,7 +244,7 @@ def _fwd_rows(x2: torch.Tensor, t1: torch.Tensor, loss: torch.Tensor, lse: torch
     n, v = x2.shape
     if n == 0:
         return
-    wrap_triton(_cross_entropy_fwd_kernel)[(n,)](
+    wrap_triton(_cross_entropy_fwd_kernel)[row_grid(n, "cross_entropy")](
         x2, x2.stride(0), t1, loss, lse, g if g is not None else lse, _g_stride(g) if g is not None else 0, v,
         *opts.launch_args(), HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing != 0.0,
         HAS_Z_LOSS=opts.z_loss != 0.0, WRITE_GRAD=g is not None, **_launch_meta(v))
@@ -256,7 +256,7 @@ def _bwd_rows(g: torch.Tensor, x2: torch.Tensor, t1: torch.Tensor, lse: torch.Te
     n, v = x2.shape
     if n == 0:
         return
-    wrap_triton(_cross_entropy_bwd_kernel)[(n,)](
+    wrap_triton(_cross_entropy_bwd_kernel)[row_grid(n, "cross_entropy_backward")](
         g, _g_stride(g), x2, x2.stride(0), t1, lse, dx2, dx2.stride(0), v, *opts.launch_args(),
         HAS_SOFTCAP=opts.softcap is not None, **_launch_meta(v))
 

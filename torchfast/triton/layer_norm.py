@@ -1,7 +1,9 @@
 """layer_norm in Triton: the math, outputs and statistics of the native op (torchfast/ops/layer_norm.py),
-for CUDA tensors (CPU tensors under TRITON_INTERPRET=1, for tests). Same structure and limits as
+for CUDA tensors (CPU tensors under TRITON_INTERPRET=1, for tests). Same structure as
 torchfast/triton/rms_norm.py: one program per row forward (mean, then the variance around it), one
-program per group of rows backward with the weight and bias gradients summed in registers.
+program per group of rows backward with the weight and bias gradients summed in registers; rows longer
+than one block (torchfast/triton/_norm_rows.py) are walked in chunks, three sweeps forward and two for dx,
+with the parameter gradients summed by _norm_param_grads_kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from torch.library import triton_op, wrap_triton
 from torchfast import _library
 from torchfast.reference import _norm
 from torchfast.reference.layer_norm import layer_norm_autocast_args, layer_norm_backward_reference
-from torchfast.triton.rms_norm import _absent_to_none, _block, _no_grad, check_rows
+from torchfast.triton import _norm_rows, row_grid
+from torchfast.triton.rms_norm import _absent_to_none, _no_grad, check_rows
 
 
 @triton.jit
@@ -64,7 +67,10 @@ def _layer_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_
             w = w.to(tl.float32)
     first = pid * rows_per_prog
     last = tl.minimum(first + rows_per_prog, rows)
-    for row in range(first, last):
+    # Counted from `first` (int64), not `for row in range(first, last)`: the row index then stays int64 in
+    # Triton's interpreter too, which iterates Python ints and would multiply them by n in int32.
+    for i in range(0, last - first):
+        row = first + i
         base = row * n
         g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
@@ -90,6 +96,84 @@ def _layer_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, pdw_
         tl.store(pdb_ptr + pid * n + offs, acc_db, mask=mask)
 
 
+@triton.jit
+def _load_x(x_ptr, offs, mask, F64: tl.constexpr):
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if not F64:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _layer_norm_fwd_long_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n, eps, HAS_W: tl.constexpr,
+                                HAS_B: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """_layer_norm_fwd_kernel for rows longer than one block: sweeps for the mean, the variance around
+    it, and y."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n
+    cols = tl.arange(0, BLOCK)
+    if F64:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        acc += _load_x(x_ptr, base + start + cols, start + cols < n, F64)
+    mean = tl.sum(acc, axis=0) / n
+    for start in range(0, n, BLOCK):
+        mask = start + cols < n
+        xc = tl.where(mask, _load_x(x_ptr, base + start + cols, mask, F64) - mean, 0.0)
+        acc2 += xc * xc
+    rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / n + eps)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+    for start in range(0, n, BLOCK):
+        mask = start + cols < n
+        y = (_load_x(x_ptr, base + start + cols, mask, F64) - mean) * rstd
+        if HAS_W:
+            y = y * _load_x(w_ptr, start + cols, mask, F64)
+        if HAS_B:
+            y = y + _load_x(b_ptr, start + cols, mask, F64)
+        tl.store(y_ptr + base + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layer_norm_bwd_long_kernel(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, n, HAS_W: tl.constexpr,
+                                BLOCK: tl.constexpr, F64: tl.constexpr):
+    """dx of _layer_norm_bwd_kernel for rows longer than one block, one program per row: a sweep for
+    sum(g w) and sum(g w (x - m)), a sweep for dx. The parameter gradients are _norm_param_grads_kernel's."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n
+    cols = tl.arange(0, BLOCK)
+    m = tl.load(mean_ptr + row)
+    r = tl.load(rstd_ptr + row)
+    if F64:
+        acc0 = tl.zeros([BLOCK], dtype=tl.float64)
+        acc1 = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        mask = start + cols < n
+        gw = _load_x(g_ptr, base + start + cols, mask, F64)
+        if HAS_W:
+            gw = gw * _load_x(w_ptr, start + cols, mask, F64)
+        xc = tl.where(mask, _load_x(x_ptr, base + start + cols, mask, F64) - m, 0.0)
+        acc0 += gw
+        acc1 += gw * xc
+    c0 = -r * tl.sum(acc0, axis=0) / n
+    c1 = r * r * r * tl.sum(acc1, axis=0) / n
+    for start in range(0, n, BLOCK):
+        mask = start + cols < n
+        gw = _load_x(g_ptr, base + start + cols, mask, F64)
+        if HAS_W:
+            gw = gw * _load_x(w_ptr, start + cols, mask, F64)
+        xc = _load_x(x_ptr, base + start + cols, mask, F64) - m
+        dx = r * gw + c0 - xc * c1
+        tl.store(dx_ptr + base + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd) by `_layer_norm_fwd_kernel`: the native torchfast::layer_norm's outputs."""
@@ -101,10 +185,12 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     rstd = torch.empty_like(mean)
     rows = y.numel() // n
     if rows:
-        wrap_triton(_layer_norm_fwd_kernel)[(rows,)](
+        meta = _norm_rows.launch_meta(n)
+        kernel = _layer_norm_fwd_kernel if meta["single"] else _layer_norm_fwd_long_kernel
+        wrap_triton(kernel)[row_grid(rows, "layer_norm")](
             xc, weight.contiguous() if weight is not None else xc, bias.contiguous() if bias is not None else xc,
-            y, mean, rstd, n, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=_block(n),
-            F64=x.dtype == torch.float64)
+            y, mean, rstd, n, eps, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=meta["BLOCK"],
+            F64=x.dtype == torch.float64, num_warps=meta["num_warps"])
     return y, mean, rstd
 
 
@@ -122,19 +208,29 @@ def layer_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     if rows == 0:
         return (dx, _no_grad(x) if weight is None else torch.zeros_like(weight),
                 _no_grad(x) if bias is None else torch.zeros_like(bias))
-    programs = min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-                   if x.device.type == "cuda" else 4)
-    per_prog = triton.cdiv(rows, programs)
-    programs = triton.cdiv(rows, per_prog)
+    meta = _norm_rows.launch_meta(n)
+    f64 = x.dtype == torch.float64
+    xc, gc = x.contiguous(), grad_out.contiguous()
+    wc = weight.contiguous() if weight is not None else xc
+    mc, rc = mean.contiguous(), rstd.contiguous()
+    if not meta["single"]:
+        wrap_triton(_layer_norm_bwd_long_kernel)[row_grid(rows, "layer_norm_backward")](
+            gc, xc, wc, mc, rc, dx, n, HAS_W=weight is not None, BLOCK=meta["BLOCK"], F64=f64,
+            num_warps=meta["num_warps"])
+        dw = db = None
+        if weight is not None or bias is not None:
+            dw, db = _norm_rows.param_grads(gc.view(rows, n), xc.view(rows, n), mc.view(rows), rc.view(rows),
+                                            want_dw=weight is not None, want_db=bias is not None)
+        return (dx, _no_grad(x) if dw is None else dw.to(weight.dtype),
+                _no_grad(x) if db is None else db.to(bias.dtype))
+    programs, per_prog = _norm_rows.group_programs(rows, x.device)
     acc = _norm.stats_dtype(x.dtype)
     pdw = torch.empty((programs, n), dtype=acc, device=x.device) if weight is not None else None
     pdb = torch.empty((programs, n), dtype=acc, device=x.device) if bias is not None else None
-    xc = x.contiguous()
     wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
-        grad_out.contiguous(), xc, weight.contiguous() if weight is not None else xc, mean.contiguous(),
-        rstd.contiguous(), dx, pdw if pdw is not None else dx, pdb if pdb is not None else dx, rows, n, per_prog,
-        HAS_W=weight is not None, WANT_DW=pdw is not None, WANT_DB=pdb is not None, BLOCK=_block(n),
-        F64=x.dtype == torch.float64)
+        gc, xc, wc, mc, rc, dx, pdw if pdw is not None else dx, pdb if pdb is not None else dx, rows, n, per_prog,
+        HAS_W=weight is not None, WANT_DW=pdw is not None, WANT_DB=pdb is not None, BLOCK=meta["BLOCK"],
+        F64=f64, num_warps=meta["num_warps"])
     return (dx, _no_grad(x) if pdw is None else pdw.sum(0).to(weight.dtype),
             _no_grad(x) if pdb is None else pdb.sum(0).to(bias.dtype))
 

@@ -4,13 +4,17 @@
     _rms_norm_fwd_kernel   one program per row; h = x + residual first when HAS_RES
     _rms_norm_bwd_kernel   one program per group of rows: dx per row, and the group's weight-gradient
                            partial sum kept in registers, stored once per program
+    _rms_norm_fwd_long_kernel, _rms_norm_bwd_long_kernel
+                           the same for rows longer than one block (torchfast/triton/_norm_rows.py): the
+                           row walked in chunks; the weight gradient by _norm_param_grads_kernel
     rms_norm_fwd / add_rms_norm_fwd / rms_norm_bwd          launchers (checks, outputs, launch)
     torchfast::rms_norm_triton, add_rms_norm_triton,
     rms_norm_backward_triton                                triton_ops with autograd
     rms_norm(x, weight, eps), add_rms_norm(x, residual, weight, eps)   what impl="triton" runs
 
-A row is held in one block (BLOCK = next power of two >= n), so rows are limited to MAX_N elements;
-statistics and math are fp32 (fp64 for float64), bf16/fp16 are rounded once on store, a bf16/fp16 x
+Rows up to _norm_rows.SINGLE_BLOCK_MAX elements are held in one block (BLOCK = next power of two >= n),
+longer ones are walked in chunks, so any row length works; num_warps follows the block size. Statistics
+and math are fp32 (fp64 for float64), bf16/fp16 are rounded once on store, a bf16/fp16 x
 may come with an fp32 weight (AMP), and rstd is returned in fp32 (fp64), as the native ops do. The
 weight gradient is summed over rows in fp32 per program, then over programs (no atomics).
 
@@ -33,9 +37,8 @@ from torchfast.reference.rms_norm import (
     rms_norm_autocast_args,
     rms_norm_backward_reference,
 )
-from torchfast.triton import unavailable_reason
+from torchfast.triton import _norm_rows, row_grid, unavailable_reason
 
-MAX_N = 65536
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -87,7 +90,10 @@ def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, gs_ptr, dx_ptr, pdw_ptr,
             w = w.to(tl.float32)
     first = pid * rows_per_prog
     last = tl.minimum(first + rows_per_prog, rows)
-    for row in range(first, last):
+    # Counted from `first` (int64), not `for row in range(first, last)`: the row index then stays int64 in
+    # Triton's interpreter too, which iterates Python ints and would multiply them by n in int32.
+    for i in range(0, last - first):
+        row = first + i
         base = row * n
         g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0)
@@ -113,6 +119,100 @@ def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, gs_ptr, dx_ptr, pdw_ptr,
         tl.store(pdw_ptr + pid * n + offs, acc_dw, mask=mask)
 
 
+@triton.jit
+def _load_h(x_ptr, res_ptr, h_ptr, offs, mask, HAS_RES: tl.constexpr, STORE_H: tl.constexpr, F64: tl.constexpr):
+    """x, or h = x + residual rounded to x's dtype (what add_rms_norm returns; stored when STORE_H), in the
+    math type. The long-row forward recomputes h in its second sweep instead of reading back the h it
+    stored: the same value, and no thread then depends on a store made by another thread of the program."""
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0)
+        if F64:
+            v = v + r
+        else:
+            v = (v.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        if STORE_H:
+            tl.store(h_ptr + offs, v, mask=mask)
+    if not F64:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _rms_norm_fwd_long_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, n, eps, HAS_RES: tl.constexpr,
+                              HAS_W: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """_rms_norm_fwd_kernel for rows longer than one block: a sweep for sum(h^2), a sweep for y."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n
+    cols = tl.arange(0, BLOCK)
+    if F64:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        mask = start + cols < n
+        v = _load_h(x_ptr, res_ptr, h_ptr, base + start + cols, mask, HAS_RES, True, F64)
+        acc += v * v
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n + eps)
+    tl.store(rstd_ptr + row, rstd)
+    for start in range(0, n, BLOCK):
+        mask = start + cols < n
+        y = _load_h(x_ptr, res_ptr, h_ptr, base + start + cols, mask, HAS_RES, False, F64) * rstd
+        if HAS_W:
+            w = tl.load(w_ptr + start + cols, mask=mask, other=0.0)
+            if not F64:
+                w = w.to(tl.float32)
+            y = y * w
+        tl.store(y_ptr + base + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_gw_x(g_ptr, x_ptr, w_ptr, base, cols, mask, HAS_W: tl.constexpr, F64: tl.constexpr):
+    """(g * w, x) at columns `cols` of the row starting at `base`, in the math type (g alone without w)."""
+    g = tl.load(g_ptr + base + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + base + cols, mask=mask, other=0.0)
+    if not F64:
+        g = g.to(tl.float32)
+        x = x.to(tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        if not F64:
+            w = w.to(tl.float32)
+        g = g * w
+    return g, x
+
+
+@triton.jit
+def _rms_norm_bwd_long_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, gs_ptr, dx_ptr, n, HAS_W: tl.constexpr,
+                              HAS_GS: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """dx of _rms_norm_bwd_kernel for rows longer than one block, one program per row: a sweep for
+    sum(g w x), a sweep for dx. The weight gradient is _norm_param_grads_kernel's."""
+    row = tl.program_id(0).to(tl.int64)
+    base = row * n
+    cols = tl.arange(0, BLOCK)
+    r = tl.load(rstd_ptr + row)
+    if F64:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        mask = start + cols < n
+        gw, x = _load_gw_x(g_ptr, x_ptr, w_ptr, base, start + cols, mask, HAS_W, F64)
+        acc += gw * x
+    coef = r * r * r * tl.sum(acc, axis=0) / n
+    for start in range(0, n, BLOCK):
+        mask = start + cols < n
+        gw, x = _load_gw_x(g_ptr, x_ptr, w_ptr, base, start + cols, mask, HAS_W, F64)
+        dx = r * gw - coef * x
+        if HAS_GS:
+            gs = tl.load(gs_ptr + base + start + cols, mask=mask, other=0.0)
+            if F64:
+                dx = dx + gs
+            else:
+                dx = dx + gs.to(tl.float32)
+        tl.store(dx_ptr + base + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
 def _check(t: torch.Tensor, op: str, arg: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"torchfast.{op}: argument '{arg}' must be a Tensor, got {type(t).__name__}")
@@ -125,17 +225,9 @@ def _check(t: torch.Tensor, op: str, arg: str) -> None:
 
 
 def check_rows(x: torch.Tensor, op: str) -> int:
-    """The row length, after the checks the native ops make; BLOCK is the power of two >= n."""
+    """The row length, after the checks the native ops make (any length: long rows take the chunked path)."""
     _check(x, op, "x")
-    n = x.shape[-1] if x.dim() else 0
-    if n > MAX_N:
-        raise RuntimeError(f"torchfast.{op} (triton): rows of {n} elements are longer than the {MAX_N} the "
-                           "Triton kernels hold in one block; use impl='native'")
-    return n
-
-
-def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return x.shape[-1] if x.dim() else 0
 
 
 def _fwd(op: str, x, residual, weight, eps):
@@ -147,10 +239,12 @@ def _fwd(op: str, x, residual, weight, eps):
     rstd = torch.empty(x.shape[:-1], dtype=_norm.stats_dtype(x.dtype), device=x.device)
     rows = y.numel() // n
     if rows:
-        wrap_triton(_rms_norm_fwd_kernel)[(rows,)](
+        meta = _norm_rows.launch_meta(n)
+        kernel = _rms_norm_fwd_kernel if meta["single"] else _rms_norm_fwd_long_kernel
+        wrap_triton(kernel)[row_grid(rows, op)](
             xc, residual.contiguous() if residual is not None else xc, weight if weight is not None else xc,
             y, h if h is not None else y, rstd, n, eps, HAS_RES=residual is not None, HAS_W=weight is not None,
-            BLOCK=_block(n), F64=x.dtype == torch.float64)
+            BLOCK=meta["BLOCK"], F64=x.dtype == torch.float64, num_warps=meta["num_warps"])
     return y, h, rstd
 
 
@@ -183,18 +277,26 @@ def rms_norm_bwd(grad_out: torch.Tensor, grad_h: torch.Tensor | None, x: torch.T
     acc = _norm.stats_dtype(x.dtype)
     if rows == 0:
         return dx, _no_grad(x) if weight is None else torch.zeros_like(weight)
+    meta = _norm_rows.launch_meta(n)
+    xc, gc = x.contiguous(), grad_out.contiguous()
+    wc = weight.contiguous() if weight is not None else xc
+    gs = grad_h.contiguous() if grad_h is not None else xc
+    if not meta["single"]:
+        wrap_triton(_rms_norm_bwd_long_kernel)[row_grid(rows, "rms_norm_backward")](
+            gc, xc, wc, rstd.contiguous(), gs, dx, n, HAS_W=weight is not None, HAS_GS=grad_h is not None,
+            BLOCK=meta["BLOCK"], F64=x.dtype == torch.float64, num_warps=meta["num_warps"])
+        if weight is None:
+            return dx, _no_grad(x)
+        dw, _ = _norm_rows.param_grads(gc.view(rows, n), xc.view(rows, n), None, rstd.contiguous().view(rows),
+                                       want_dw=True, want_db=False)
+        return dx, dw.to(weight.dtype)
     # Enough programs to fill a GPU; each sums the weight gradient of its rows in registers.
-    programs = min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-                   if x.device.type == "cuda" else 4)
-    per_prog = triton.cdiv(rows, programs)
-    programs = triton.cdiv(rows, per_prog)
+    programs, per_prog = _norm_rows.group_programs(rows, x.device)
     partial = torch.empty((programs, n), dtype=acc, device=x.device) if weight is not None else None
-    xc = x.contiguous()
     wrap_triton(_rms_norm_bwd_kernel)[(programs,)](
-        grad_out.contiguous(), xc, weight.contiguous() if weight is not None else xc, rstd.contiguous(),
-        grad_h.contiguous() if grad_h is not None else xc, dx, partial if partial is not None else dx,
-        rows, n, per_prog, HAS_W=weight is not None, HAS_GS=grad_h is not None, BLOCK=_block(n),
-        F64=x.dtype == torch.float64)
+        gc, xc, wc, rstd.contiguous(), gs, dx, partial if partial is not None else dx,
+        rows, n, per_prog, HAS_W=weight is not None, HAS_GS=grad_h is not None, BLOCK=meta["BLOCK"],
+        F64=x.dtype == torch.float64, num_warps=meta["num_warps"])
     return dx, _no_grad(x) if partial is None else partial.sum(0).to(weight.dtype)
 
 

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <torchfast/act_codes.h>
+#include <torchfast/launch_math.h>
 #include <torchfast/row_ptr.h>
 
 #include <algorithm>
@@ -131,20 +132,24 @@ struct alignas(sizeof(T) * N) Vec {
 template <typename T>
 constexpr int kVec = 16 / static_cast<int>(sizeof(T));
 
-// Blocks of `threads` for `items` grid-stride work items: enough to fill the device, no more.
-inline dim3 blocks_for(int64_t items, int threads = 256) {
+// Threads per block of the bias_act and glu kernels (and of bias_act's column reduction, 32 x 8).
+constexpr int kThreads = launch::kMapThreads;
+
+// Blocks of kThreads for `items` grid-stride work items: enough to fill the device, no more.
+inline dim3 blocks_for(int64_t items) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t resident =
-      static_cast<int64_t>(prop->multiProcessorCount) * (prop->maxThreadsPerMultiProcessor / threads);
-  return dim3(static_cast<unsigned>(std::clamp<int64_t>((items + threads - 1) / threads, 1, resident)));
+  return dim3(static_cast<unsigned>(
+      launch::grid_stride_blocks(items, kThreads, prop->multiProcessorCount, prop->maxThreadsPerMultiProcessor)));
 }
 
-// Runs launch(N, index type, grid, c0, len) over the columns [c0, c0 + len): all of them, except that a
+// Runs launch_fn(N, index type, grid, c0, len) over the columns [c0, c0 + len): all of them, except that a
 // single flat row whose length is not a multiple of the vector width is split into a vector body and
-// a scalar tail. N is the widest access every row start allows; indices are 32-bit when they fit.
+// a scalar tail. N is the widest access every row start allows. Indices are 32-bit only when the loop
+// cannot wrap them (launch::map_launch / fits_int32_loop: the element count and the loop variable's
+// last value, one grid stride past the end, both below 2^31); else 64-bit.
 template <typename T, typename Launch>
 void launch_rows(int64_t rows, int64_t cols, std::initializer_list<const void*> ptrs,
-                 std::initializer_list<int64_t> strides, const Launch& launch) {
+                 std::initializer_list<int64_t> strides, const Launch& launch_fn) {
   constexpr int NV = kVec<T>;
   const int64_t body = rows == 1 ? cols - cols % NV : cols;
   auto run = [&](int64_t c0, int64_t len, bool try_vec) {
@@ -153,16 +158,19 @@ void launch_rows(int64_t rows, int64_t cols, std::initializer_list<const void*> 
     bool vec = try_vec && len % NV == 0;
     for (const void* p : shifted) vec = vec && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
     for (int64_t s : strides) vec = vec && s % NV == 0;
-    const bool small = rows * len <= std::numeric_limits<int32_t>::max();
-    const dim3 grid = blocks_for(rows * len / (vec ? NV : 1));
+    const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+    const launch::MapLaunch m =
+        launch::map_launch(rows * len, vec ? NV : 1, prop->multiProcessorCount, prop->maxThreadsPerMultiProcessor);
+    const dim3 grid(static_cast<unsigned>(m.blocks));
+    const bool small = m.int32;
     if (vec && small) {
-      launch(std::integral_constant<int, NV>{}, int32_t{}, grid, c0, len);
+      launch_fn(std::integral_constant<int, NV>{}, int32_t{}, grid, c0, len);
     } else if (vec) {
-      launch(std::integral_constant<int, NV>{}, int64_t{}, grid, c0, len);
+      launch_fn(std::integral_constant<int, NV>{}, int64_t{}, grid, c0, len);
     } else if (small) {
-      launch(std::integral_constant<int, 1>{}, int32_t{}, grid, c0, len);
+      launch_fn(std::integral_constant<int, 1>{}, int32_t{}, grid, c0, len);
     } else {
-      launch(std::integral_constant<int, 1>{}, int64_t{}, grid, c0, len);
+      launch_fn(std::integral_constant<int, 1>{}, int64_t{}, grid, c0, len);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <torchfast/launch_math.h>
+
 namespace torchfast::cuda {
 
 // Elements of T in one 16-byte access: the widest load/store a thread can issue (ld.global.v4.u32),
@@ -47,13 +49,12 @@ struct LaunchConfig {
 };
 
 // A 1-D launch for `work_items` independent items, consumed by a grid-stride loop: enough blocks to
-// fill every SM of the current device to its thread limit, no more (beyond that, extra blocks only add
-// scheduling cost; the loop covers the rest). Never an empty grid, so a tail-only launch still runs.
+// fill every SM of the current device to its thread limit, no more, never an empty grid
+// (launch::grid_stride_blocks, unit-tested on the host).
 inline LaunchConfig launch_config(int64_t work_items, int threads = 256) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t resident = static_cast<int64_t>(prop->multiProcessorCount) *
-                           (prop->maxThreadsPerMultiProcessor / threads);
-  const int64_t blocks = std::clamp<int64_t>(ceil_div<int64_t>(work_items, threads), 1, resident);
+  const int64_t blocks =
+      launch::grid_stride_blocks(work_items, threads, prop->multiProcessorCount, prop->maxThreadsPerMultiProcessor);
   return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads))};
 }
 

@@ -69,15 +69,15 @@ __device__ __forceinline__ void store_vec(T* p, const A (&in)[N]) {
   *reinterpret_cast<AlignedVec<T, N>*>(p) = v;
 }
 
-// The launch of a row kernel: threads cover one row in vectors of N (a multiple of 32, at most 1024),
-// blocks up to what the GPU holds at once, the rest by the grid-stride loop over rows.
+// The launch of a row kernel: threads cover one row in vectors of N (a multiple of 32, at most
+// launch::kMaxRowThreads, which is every row kernel's __launch_bounds__), blocks up to what the GPU holds
+// at once, the rest by the grid-stride loop over rows (launch::row_threads / row_blocks, unit-tested on
+// the host).
 inline LaunchConfig row_launch(int64_t rows, int64_t n, int N) {
-  const int64_t per_row = ceil_div<int64_t>(n, N);
-  const int threads = static_cast<int>(std::clamp<int64_t>(ceil_div<int64_t>(per_row, 32) * 32, 32, 1024));
+  const int threads = launch::row_threads(n, N);
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t resident = static_cast<int64_t>(prop->multiProcessorCount) *
-                           std::max(1, prop->maxThreadsPerMultiProcessor / threads);
-  const int64_t blocks = std::clamp<int64_t>(rows, 1, resident);
+  const int64_t blocks =
+      launch::row_blocks(rows, threads, prop->multiProcessorCount, prop->maxThreadsPerMultiProcessor);
   return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads))};
 }
 

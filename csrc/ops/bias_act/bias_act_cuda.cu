@@ -67,7 +67,7 @@ __global__ void bias_act_dx_kernel(I rows, I cols, const T* __restrict__ g, int6
 }
 
 constexpr int kColsPerBlock = 32;  // one warp across columns: coalesced rows
-constexpr int kRowThreads = 8;
+constexpr int kRowThreads = act_cuda::kThreads / kColsPerBlock;
 
 // dx as above, and partial[blockIdx.y, c] = sum of dx[r, c] over the rows this block's threads visit.
 template <typename T, typename A>
@@ -125,10 +125,12 @@ struct Cuda {
           using I = decltype(idx);
           if (bp != nullptr) {
             bias_act_fwd_kernel<decltype(n)::value, I, scalar_t, A, true>
-                <<<grid, 256, 0, stream>>>(rows, len, xp + c0, x.row_stride, bp + c0, yp + c0, y.row_stride);
+                <<<grid, act_cuda::kThreads, 0, stream>>>(rows, len, xp + c0, x.row_stride, bp + c0, yp + c0,
+                                                          y.row_stride);
           } else {
             bias_act_fwd_kernel<decltype(n)::value, I, scalar_t, A, false>
-                <<<grid, 256, 0, stream>>>(rows, len, xp + c0, x.row_stride, bp, yp + c0, y.row_stride);
+                <<<grid, act_cuda::kThreads, 0, stream>>>(rows, len, xp + c0, x.row_stride, bp, yp + c0,
+                                                          y.row_stride);
           }
         });
       });
@@ -152,21 +154,21 @@ struct Cuda {
                                           [&](auto n, auto idx, dim3 grid, int64_t c0, int64_t len) {
             using I = decltype(idx);
             if (bp != nullptr) {
-              bias_act_dx_kernel<decltype(n)::value, I, scalar_t, A, true><<<grid, 256, 0, stream>>>(
+              bias_act_dx_kernel<decltype(n)::value, I, scalar_t, A, true><<<grid, act_cuda::kThreads, 0, stream>>>(
                   rows, len, gp + c0, grad_out.row_stride, xp + c0, x.row_stride, bp + c0, dp + c0,
                   grad_in.row_stride);
             } else {
-              bias_act_dx_kernel<decltype(n)::value, I, scalar_t, A, false><<<grid, 256, 0, stream>>>(
+              bias_act_dx_kernel<decltype(n)::value, I, scalar_t, A, false><<<grid, act_cuda::kThreads, 0, stream>>>(
                   rows, len, gp + c0, grad_out.row_stride, xp + c0, x.row_stride, bp, dp + c0, grad_in.row_stride);
             }
           });
           return;
         }
-        // Enough row slices to fill the device (about 8 blocks per SM), at most one per 8 rows.
-        const int64_t col_blocks = (cols + kColsPerBlock - 1) / kColsPerBlock;
-        const int64_t want = 8LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-        const int64_t slices = std::clamp<int64_t>((want + col_blocks - 1) / col_blocks, 1,
-                                                   std::min<int64_t>((rows + kRowThreads - 1) / kRowThreads, 65535));
+        // Enough row slices to fill the device (about 8 blocks per SM), at most one per 8 rows and 65535
+        // (gridDim.y); the slice loop in the kernel covers any number of rows.
+        const int64_t col_blocks = launch::ceil_div(cols, kColsPerBlock);
+        const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const int64_t slices = launch::column_reduce_slices(rows, cols, kColsPerBlock, kRowThreads, sms);
         at::Tensor partial = at::empty({slices, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<C>::value)
                                                            .device(at::kCUDA, at::cuda::current_device()));
         bias_act_bwd_reduce_kernel<scalar_t, A>
@@ -174,7 +176,7 @@ struct Cuda {
                0, stream>>>(rows, cols, gp, grad_out.row_stride, xp, x.row_stride, bp, dp, grad_in.row_stride,
                             partial.mutable_data_ptr<C>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        sum_partials_kernel<C><<<act_cuda::blocks_for(cols), 256, 0, stream>>>(
+        sum_partials_kernel<C><<<act_cuda::blocks_for(cols), act_cuda::kThreads, 0, stream>>>(
             slices, cols, partial.const_data_ptr<C>(), static_cast<C*>(grad_bias));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

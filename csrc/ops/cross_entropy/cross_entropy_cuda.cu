@@ -169,10 +169,11 @@ __device__ __forceinline__ void visit_row(const T* row, int64_t n, int64_t head,
 // (V >= 32K bf16), and without the bound ptxas gave the fp64 backward 77 registers, more than an SM
 // holds for 1024 threads (64K registers): the launch would fail with "too many resources requested".
 template <int N, typename T, bool kFwd, bool kBwd>
-__global__ void __launch_bounds__(1024) ce_rows_kernel(const T* x, int64_t x_stride, const int64_t* __restrict__ target, int64_t rows,
-                               int64_t n, RowParams<at::opmath_type<T>> p, at::opmath_type<T>* __restrict__ loss,
-                               at::opmath_type<T>* lse, const at::opmath_type<T>* __restrict__ grad,
-                               int64_t grad_stride, T* dx, int64_t dx_stride) {
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
+ce_rows_kernel(const T* x, int64_t x_stride, const int64_t* __restrict__ target, int64_t rows,
+               int64_t n, RowParams<at::opmath_type<T>> p, at::opmath_type<T>* __restrict__ loss,
+               at::opmath_type<T>* lse, const at::opmath_type<T>* __restrict__ grad,
+               int64_t grad_stride, T* dx, int64_t dx_stride) {
   using A = at::opmath_type<T>;
   constexpr A kInf = std::numeric_limits<A>::infinity();
   __shared__ RowStats<A> scratch[32];

@@ -75,7 +75,7 @@ struct Cuda {
         auto* op = static_cast<scalar_t*>(out.ptr);
         act_cuda::launch_rows<scalar_t>(rows, cols, {gp, up_, op}, {gate.row_stride, up.row_stride, out.row_stride},
                               [&](auto n, auto idx, dim3 grid, int64_t c0, int64_t len) {
-          glu_fwd_kernel<decltype(n)::value, decltype(idx), scalar_t, A><<<grid, 256, 0, stream>>>(
+          glu_fwd_kernel<decltype(n)::value, decltype(idx), scalar_t, A><<<grid, act_cuda::kThreads, 0, stream>>>(
               rows, len, gp + c0, gate.row_stride, up_ + c0, up.row_stride, op + c0, out.row_stride);
         });
       });
@@ -97,7 +97,7 @@ struct Cuda {
             rows, cols, {dyp, gp, up_, dgp, dup},
             {grad_out.row_stride, gate.row_stride, up.row_stride, grad_gate.row_stride, grad_up.row_stride},
             [&](auto n, auto idx, dim3 grid, int64_t c0, int64_t len) {
-              glu_bwd_kernel<decltype(n)::value, decltype(idx), scalar_t, A><<<grid, 256, 0, stream>>>(
+              glu_bwd_kernel<decltype(n)::value, decltype(idx), scalar_t, A><<<grid, act_cuda::kThreads, 0, stream>>>(
                   rows, len, dyp + c0, grad_out.row_stride, gp + c0, gate.row_stride, up_ + c0, up.row_stride,
                   dgp + c0, grad_gate.row_stride, dup + c0, grad_up.row_stride);
             });

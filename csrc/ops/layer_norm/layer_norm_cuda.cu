@@ -24,9 +24,10 @@ namespace {
 using cuda::Sums;
 
 template <int N, typename T, typename W>
-__global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, const W* __restrict__ b,
-                                      T* __restrict__ y, at::opmath_type<T>* __restrict__ mean,
-                                      at::opmath_type<T>* __restrict__ rstd, int64_t rows, int64_t n, double eps) {
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
+layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, const W* __restrict__ b,
+                      T* __restrict__ y, at::opmath_type<T>* __restrict__ mean,
+                      at::opmath_type<T>* __restrict__ rstd, int64_t rows, int64_t n, double eps) {
   using A = at::opmath_type<T>;
   __shared__ Sums<A, 1> scratch[32];
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
@@ -75,11 +76,12 @@ __global__ void layer_norm_fwd_kernel(const T* __restrict__ x, const W* __restri
 }
 
 template <int N, typename T, typename W>
-__global__ void layer_norm_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const W* __restrict__ w,
-                                      const at::opmath_type<T>* __restrict__ mean,
-                                      const at::opmath_type<T>* __restrict__ rstd, T* __restrict__ dx,
-                                      at::opmath_type<T>* __restrict__ partial_dw,
-                                      at::opmath_type<T>* __restrict__ partial_db, int64_t rows, int64_t n) {
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
+layer_norm_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const W* __restrict__ w,
+                      const at::opmath_type<T>* __restrict__ mean,
+                      const at::opmath_type<T>* __restrict__ rstd, T* __restrict__ dx,
+                      at::opmath_type<T>* __restrict__ partial_dw,
+                      at::opmath_type<T>* __restrict__ partial_db, int64_t rows, int64_t n) {
   using A = at::opmath_type<T>;
   __shared__ Sums<A, 2> scratch[32];
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;

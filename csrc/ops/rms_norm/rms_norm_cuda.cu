@@ -23,9 +23,10 @@ namespace {
 using cuda::Sums;
 
 template <int N, typename T, typename W>
-__global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
-                                    const W* __restrict__ w, T* __restrict__ y, T* __restrict__ h,
-                                    at::opmath_type<T>* __restrict__ rstd, int64_t rows, int64_t n, double eps) {
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
+rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                    const W* __restrict__ w, T* __restrict__ y, T* __restrict__ h,
+                    at::opmath_type<T>* __restrict__ rstd, int64_t rows, int64_t n, double eps) {
   using A = at::opmath_type<T>;
   __shared__ Sums<A, 1> scratch[32];
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
@@ -67,10 +68,11 @@ __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict
 }
 
 template <int N, typename T, typename W>
-__global__ void rms_norm_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const W* __restrict__ w,
-                                    const at::opmath_type<T>* __restrict__ rstd, const T* __restrict__ gsum,
-                                    T* __restrict__ dx, at::opmath_type<T>* __restrict__ partial_dw,
-                                    int64_t rows, int64_t n) {
+__global__ void __launch_bounds__(launch::kMaxRowThreads, 1)
+rms_norm_bwd_kernel(const T* __restrict__ g, const T* __restrict__ x, const W* __restrict__ w,
+                    const at::opmath_type<T>* __restrict__ rstd, const T* __restrict__ gsum,
+                    T* __restrict__ dx, at::opmath_type<T>* __restrict__ partial_dw,
+                    int64_t rows, int64_t n) {
   using A = at::opmath_type<T>;
   __shared__ Sums<A, 1> scratch[32];
   const int64_t step = static_cast<int64_t>(blockDim.x) * N;
