@@ -73,7 +73,8 @@ struct MapLanes {
 
 // The MapLanes of an operand array handed to a with_float_blocks body (float, or T itself).
 template <typename Ptrs>
-using LanesOf = MapLanes<std::remove_cv_t<std::remove_pointer_t<typename std::remove_cvref_t<Ptrs>::value_type>>>;
+using LanesOf =
+    MapLanes<std::remove_cv_t<std::remove_pointer_t<typename std::remove_cvref_t<Ptrs>::value_type>>>;
 
 // fn(offset, count) over [0, len) in steps of kWidth, the last step possibly partial.
 template <typename L, typename Fn>

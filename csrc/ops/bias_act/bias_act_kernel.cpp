@@ -48,7 +48,8 @@ void bias_act_fwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, Ro
     using V = typename L::V;
     const C* bias_c = static_cast<const C*>(bias);
     parallel_rows(rows, cols, [&](int64_t r, int64_t c0, int64_t len) {
-      with_float_blocks<T>(len, std::array<const T*, 1>{row<T>(x, r) + c0}, std::array<T*, 1>{row<T>(y, r) + c0},
+      with_float_blocks<T>(len, std::array<const T*, 1>{row<T>(x, r) + c0},
+                           std::array<T*, 1>{row<T>(y, r) + c0},
                            [&](int64_t off, int64_t count, const auto& in, const auto& out) {
         using LE = LanesOf<decltype(out)>;
         for_steps<LE>(count, [&](int64_t i, int64_t n) {
