@@ -79,7 +79,11 @@ def test_gradcheck_float64(name, device):
         args, leaves = _with_leaves(args, lambda a: a.detach().clone().requires_grad_())
         fn = _call_with(args, lambda *a: spec.function(*a, **kwargs))
         assert torch.autograd.gradcheck(fn, leaves)
-        assert torch.autograd.gradgradcheck(fn, leaves)
+        # Second derivatives in fast mode (one random projection v^T J u against its finite difference
+        # instead of the whole Jacobian, as PyTorch's OpInfo tests do for costly ops): the full check of
+        # linear_cross_entropy's double backward took 55 s of CPU for two samples, fast mode 5 s, and a
+        # wrong second derivative still fails it unless the error is orthogonal to a random direction.
+        assert torch.autograd.gradgradcheck(fn, leaves, fast_mode=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
