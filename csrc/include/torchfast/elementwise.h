@@ -107,11 +107,12 @@ inline void narrow_block(const float* src, int64_t n, T* dst) {
 // is that element's index in [0, len) (for operands the body indexes itself, such as a float bias).
 // Where uses_float_blocks_v<T>, the pointers are float: blocks of kFloatBlock elements widened from the
 // inputs, and rounded into the outputs after the body ran; the body then is the float kernel, with
-// the bf16/fp16 accuracy choices it was instantiated with. Elsewhere body runs once on the T pointers.
-template <typename T, size_t NI, size_t NO, typename Body>
+// the bf16/fp16 accuracy choices it was instantiated with. Elsewhere, or with kStage false (a kernel
+// whose measurements favour the one-step loop), body runs once on the T pointers.
+template <typename T, bool kStage = true, size_t NI, size_t NO, typename Body>
 inline void with_float_blocks(int64_t len, const std::array<const T*, NI>& in, const std::array<T*, NO>& out,
                               const Body& body) {
-  if constexpr (uses_float_blocks_v<T>) {
+  if constexpr (kStage && uses_float_blocks_v<T>) {
     alignas(64) float buf[NI + NO][kFloatBlock];
     std::array<const float*, NI> fin;
     std::array<float*, NO> fout;
