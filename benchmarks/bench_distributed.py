@@ -1,5 +1,5 @@
-"""DDP against FSDP2 (and FSDP2 + activation checkpointing) on CPU: per-process peak memory and step time
-of one Llama-style language model of torchfast modules, 2 processes over Gloo.
+"""DDP against FSDP2 (and FSDP2 + activation checkpointing) and tensor parallelism on CPU: per-process
+peak memory and step time of one Llama-style language model of torchfast modules, 2 processes over Gloo.
 
     python benchmarks/bench_distributed.py                 # hidden 512, 8 layers, vocab 16000 (42M params)
     python benchmarks/bench_distributed.py --quick         # a small model: a smoke run
@@ -16,6 +16,13 @@ an unsharded one. The table reports rank 0 (peak: the larger of the ranks) and t
 step, which must agree between engines (same batches, same initial weights). Expected memory of
 weights + gradients + AdamW state: 16 bytes per parameter under DDP (plus its gradient buckets, 4
 more), 16/N under FSDP2, plus activations and, for FSDP2, the gathered weights of a block.
+
+"tp" is tensor parallelism with sequence parallelism (`tp_plan` below, applied by
+torchfast.distributed.parallelize): the attention and MLP projections and the embedding split over the
+N ranks, the norms and the fused LM head's classifier replicated, every rank working on the same
+global batch (batch x N sequences, as the data-parallel engines share between them) with the tokens
+sharded between the norms. Its weights, gradients and AdamW state are 16 bytes per parameter of the
+replicated layers plus 16/N of the rest.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("ddp", "fsdp", "fsdp-no-reshard", "fsdp-checkpoint")
+ENGINES = ("ddp", "fsdp", "fsdp-no-reshard", "fsdp-checkpoint", "tp")
 
 
 def _load_tiny_lm():
@@ -74,11 +81,23 @@ def worker(args: argparse.Namespace) -> None:
             x = self.embed_tokens(tokens[:, :-1])
             for layer in self.layers:
                 x = layer(x)
-            return self.lm_loss(self.norm(x), tokens[:, 1:])
+            target = tokens[:, 1:]
+            if hasattr(x, "device_mesh"):  # tensor parallel: the targets sharded like the tokens
+                from torch.distributed.tensor import DTensor, Replicate
+
+                target = DTensor.from_local(target, x.device_mesh, [Replicate()], run_check=False)
+                target = target.redistribute(x.device_mesh, x.placements)  # a local slice, no collective
+            return self.lm_loss(self.norm(x), target)
 
     def train(model, steps, batch, seq, vocab):
+        tp = args.engine == "tp"
         if args.engine == "ddp":
             model = torchfast.distributed.wrap(model)
+        elif tp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(world.device.type, (world.world_size,))
+            torchfast.distributed.parallelize(model, mesh, tp_plan(len(model.layers)))
         else:
             if args.engine == "fsdp-checkpoint":
                 for block in model.layers:
@@ -88,7 +107,8 @@ def worker(args: argparse.Namespace) -> None:
         g = torch.Generator().manual_seed(1)
         batches = [torch.randint(0, vocab, (batch * world.world_size, seq + 1), generator=g)
                    for _ in range(steps)]
-        rows = slice(world.rank * batch, (world.rank + 1) * batch)
+        # Tensor parallel ranks all work on the whole global batch; data-parallel ones on their share.
+        rows = slice(None) if tp else slice(world.rank * batch, (world.rank + 1) * batch)
         times, losses = [], []
         for tokens in batches:
             t0 = time.perf_counter()
@@ -98,7 +118,10 @@ def worker(args: argparse.Namespace) -> None:
             opt.zero_grad(set_to_none=True)
             torchfast.distributed.barrier()
             times.append(time.perf_counter() - t0)
-            losses.append(torchfast.distributed.all_reduce_mean(loss.detach().double()).item())
+            if tp:  # a DTensor: the same global loss on every rank
+                losses.append(loss.detach().full_tensor().double().item())
+            else:
+                losses.append(torchfast.distributed.all_reduce_mean(loss.detach().double()).item())
         return times, losses
 
     # A small model through the same engine first: the one-time costs (lazy imports, thread pools,
@@ -116,6 +139,46 @@ def worker(args: argparse.Namespace) -> None:
               "step_ms": statistics.median(times[1:]) * 1e3, "loss": losses[-1]}
     Path(args.out, f"{args.engine}-rank{world.rank}.json").write_text(json.dumps(result))
     torchfast.distributed.cleanup()
+
+
+def tp_plan(layers: int) -> dict:
+    """Tensor + sequence parallel plan of the benchmark's LM (Llama blocks of tests/train/tiny_lm.py).
+
+    The residual stream is a DTensor sharded on tokens (Shard(1)); the norms run on it under
+    torchfast's SequenceParallel (AddRMSNorm takes two inputs, torch's style only one); attention
+    gathers its input once, runs q/k/v/o as Colwise/Rowwise on local heads (torch 2.13 has no DTensor
+    rule for CPU attention) and reduce-scatters back to tokens; the SwiGLU MLP keeps DTensors, so the
+    fused swiglu runs on the Shard(-1) intermediate through its sharding rule.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+
+    from torchfast.distributed import SequenceParallel
+
+    seq, rep = Shard(1), Replicate()
+    to_tokens = RowwiseParallel(output_layouts=seq, use_local_output=False)
+    plan = {
+        "embed_tokens": RowwiseParallel(input_layouts=rep, output_layouts=seq, use_local_output=False),
+        "norm": SequenceParallel(),
+        "lm_loss": SequenceParallel(),  # replicated classifier on token-sharded hidden states
+    }
+    for i in range(layers):
+        p = f"layers.{i}"
+        plan |= {
+            f"{p}.input_layernorm": SequenceParallel(),
+            f"{p}.self_attn": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,)),
+            f"{p}.self_attn.q_proj": ColwiseParallel(),
+            f"{p}.self_attn.k_proj": ColwiseParallel(),
+            f"{p}.self_attn.v_proj": ColwiseParallel(),
+            f"{p}.self_attn.o_proj": to_tokens,
+            f"{p}.post_attention_layernorm": SequenceParallel(),
+            f"{p}.mlp": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(rep,),
+                                           use_local_output=False),
+            f"{p}.mlp.gate_proj": ColwiseParallel(use_local_output=False),
+            f"{p}.mlp.up_proj": ColwiseParallel(use_local_output=False),
+            f"{p}.mlp.down_proj": to_tokens,
+        }
+    return plan
 
 
 def parse_args(argv=None) -> argparse.Namespace:

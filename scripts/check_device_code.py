@@ -35,7 +35,8 @@ MAX_STATIC_SHARED = 48 * 1024
 # Kernels launched with kMapThreads threads per block (act_cuda.cuh, cuda_utils.cuh, norm_cuda.cuh's
 # sum_partials, bias_act's column reduction of 32 x 8).
 MAP_KERNELS = ("map1_kernel", "map2_kernel", "bias_act_fwd_kernel", "bias_act_dx_kernel",
-               "bias_act_bwd_reduce_kernel", "glu_fwd_kernel", "glu_bwd_kernel", "sum_partials_kernel")
+               "bias_act_bwd_reduce_kernel", "glu_fwd_kernel", "glu_bwd_kernel", "sum_partials_kernel",
+               "rope_kernel")  # rope: 32 x 8 threads (rope_cuda.cu)
 
 
 @dataclass

@@ -60,8 +60,14 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
 
 
+# Pages about an optional dependency: skipped (with the reason) where it is not installed.
+NEEDS = {"transformers.md": "transformers"}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
 def test_python_blocks_run(page: Path, tmp_path: Path):
+    if page.name in NEEDS:
+        pytest.importorskip(NEEDS[page.name], reason=f"{_rel(page)} needs {NEEDS[page.name]}")
     blocks = python_blocks(page.read_text())
     assert blocks, f"{_rel(page)} has no ```python example; every page needs at least one that runs"
     spec = tmp_path / "blocks.json"

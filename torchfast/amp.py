@@ -123,16 +123,20 @@ class Stepper:
 
     1. for each micro-batch: forward and loss under autocast (and only those: backward runs outside,
        in the dtypes autocast chose for forward), `scaler.scale(loss / k).backward()`; under DDP every
-       micro-batch but the last runs inside `model.no_sync()`, so gradients are all-reduced once;
+       micro-batch but the last runs inside `model.no_sync()`, so gradients are all-reduced once; under
+       FSDP2 (a `fully_shard`ed model) inside `set_requires_gradient_sync(False)`, so they are
+       reduce-scattered once;
     2. `scaler.unscale_(optimizer)`, so clipping and the reported norm see the true gradients;
-    3. the total gradient norm, and clipping to `grad_clip` when set;
+    3. the total gradient norm, and clipping to `grad_clip` when set (with FSDP2's sharded gradients
+       the norm is that of the whole gradient, the same on every rank);
     4. `scaler.step(optimizer)` and `scaler.update()`: with fp16 a step whose gradients hold inf/NaN is
        skipped and the scale lowered. Without a scaler, a non-finite norm skips the step as well,
        rather than writing NaN into the weights. Skipped steps are counted in `skipped_steps`;
     5. `optimizer.zero_grad(set_to_none=True)`.
 
-    `model` is what is called (it may be DDP-wrapped or compiled); `ddp` is the DDP module whose
-    `no_sync` is used (found automatically when `model` is itself a DDP module). Losses are divided by
+    `model` is what is called (it may be DDP-wrapped, sharded or compiled); `ddp` is the DDP module
+    whose `no_sync` is used, or the root FSDP2 module whose gradient sync is switched off (found
+    automatically when `model` is itself one). Losses are divided by
     the number of micro-batches, which matches one large batch when the loss is a mean and the
     micro-batches have equal sizes.
     """
@@ -157,7 +161,9 @@ class Stepper:
         self.scaler = self.policy.make_scaler()
         from torch.nn.parallel import DistributedDataParallel
 
-        self.ddp = ddp if ddp is not None else (model if isinstance(model, DistributedDataParallel) else None)
+        if ddp is None and (isinstance(model, DistributedDataParallel) or _is_fsdp(model)):
+            ddp = model
+        self.ddp = ddp
         self.steps = 0
         self.skipped_steps = 0
 
@@ -167,6 +173,8 @@ class Stepper:
     def _no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         if self.ddp is None or last:
             return contextlib.nullcontext()
+        if _is_fsdp(self.ddp):
+            return _fsdp_no_sync(self.ddp)
         return self.ddp.no_sync()
 
     def step(
@@ -196,6 +204,10 @@ class Stepper:
         params = self._params()
         if params:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+            if hasattr(norm, "full_tensor"):
+                # FSDP2: the norm of this rank's shards is a partial DTensor; full_tensor() all-reduces
+                # it, so every rank clips by, and skips on, the same global norm.
+                norm = norm.full_tensor()
         else:
             norm = torch.zeros(())
         grad_norm = norm.item()
@@ -223,6 +235,29 @@ class Stepper:
     def scale(self) -> float:
         """The current loss scale (1.0 when no scaler is in use)."""
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    """Whether `model` is an FSDP2 module (fully_shard was applied to it). Without
+    torch.distributed.fsdp imported nothing can be one, and the check costs no import."""
+    import sys
+
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Iterator[None]:
+    """FSDP2's counterpart of DDP's no_sync(): gradients accumulate unsharded in each rank and are
+    reduce-scattered by the next backward that runs with sync on. Restored even when the step raises."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 @contextlib.contextmanager

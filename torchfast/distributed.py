@@ -202,7 +202,7 @@ def wrap(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         raise ValueError(
             f"torchfast.distributed.wrap: module {sharded!r} of the model is already sharded with FSDP2 "
             "(fully_shard); DDP and FSDP cannot be mixed: both reduce the gradients. Train the sharded "
-            "model without DDP (the Trainer wraps its model in DDP: use your own loop, see "
+            "model without DDP (torchfast.Trainer(..., strategy='fsdp') takes it as it is; see "
             "docs/distributed.md)"
         )
     w = world()
@@ -455,3 +455,17 @@ def cleanup() -> None:
         gc.collect()  # DDP wrappers that are already garbage let go of the group first
         dist.destroy_process_group()
     _world = None
+
+
+# ---- tensor parallelism (torchfast/_tp.py, imported on first use) -------------------------------------
+
+_TP_NAMES = ("SequenceParallel", "parallelize")
+
+
+def __getattr__(name: str) -> Any:
+    # torch.distributed.tensor.parallel costs about a second to import: only when asked for.
+    if name in _TP_NAMES:
+        from torchfast import _tp
+
+        return getattr(_tp, name)
+    raise AttributeError(f"module 'torchfast.distributed' has no attribute {name!r}")

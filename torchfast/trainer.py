@@ -4,8 +4,9 @@
                                 accumulate=2, log_dir="runs/exp1", checkpoint_dir="ckpt")
     result = trainer.fit(dataset_or_loader, epochs=3, batch_size=64, resume=True)
 
-The pieces are torchfast.amp.Stepper (one optimizer step), torchfast.distributed (torchrun, DDP,
-sharded loading), torchfast.hooks.NonFiniteDetector and torchfast.profiling.profile; the Trainer only
+The pieces are torchfast.amp.Stepper (one optimizer step), torchfast.distributed (torchrun, DDP or
+FSDP2, sharded loading), torchfast._dcp (sharded checkpoints for strategy="fsdp"),
+torchfast.hooks.NonFiniteDetector and torchfast.profiling.profile; the Trainer only
 orders them. Batches are tuples `(input, ..., target)`: the model gets the inputs, `loss_fn` gets the
 model's output and the target.
 """
@@ -28,11 +29,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from torchfast import _dcp
 from torchfast import distributed as tfdist
 from torchfast._progress import Progress
-from torchfast.amp import AMP_MODES, Stepper, move_batch, policy
+from torchfast.amp import AMP_MODES, Stepper, _is_fsdp, move_batch, policy
 
 CHECKPOINT_NAME = "checkpoint.pt"
+STRATEGIES = ("ddp", "fsdp")
+FSDP_OPTIONS = ("reshard_after_forward", "mp_policy", "offload", "mesh")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -130,6 +134,8 @@ class Trainer:
         step of an epoch takes what is left). Under DDP gradients are all-reduced once per step.
     compile: torch.compile the (DDP-wrapped) model; a dict is passed to torch.compile as keyword
         arguments (e.g. {"mode": "max-autotune"}). Checkpoints hold the plain module's state_dict.
+        With strategy="fsdp" under torchrun each sharded block is compiled in place instead
+        (module.compile), and the root's own forward, with FSDP2's hooks around the blocks, runs eager.
     log_dir: TensorBoard scalars there (rank 0): train/loss, train/lr, train/grad_norm,
         train/samples_per_s, amp/scale, train/skipped_steps, val/loss. Needs the `tensorboard` package.
     profile: profile optimizer steps 3-5 of the run (after one skipped and one warm-up step) with
@@ -144,9 +150,26 @@ class Trainer:
     progress: stream for the progress bar and epoch lines (rank 0; None: silent).
     device: "cpu"/"cuda" (default: CUDA when available). world_size: when given, torchrun must have
         started exactly that many processes.
+    strategy: "ddp" (default): every process holds the whole model, wrapped in
+        DistributedDataParallel under torchrun; checkpoint.pt as above. "fsdp": the model is sharded
+        with FSDP2 (torchfast.distributed.shard: `blocks` each their own group, then the root) and the
+        optimizer re-pointed at the shards (it must not have stepped yet); a model the caller sharded
+        already (fully_shard) is taken as it is, with an optimizer built on its shards. Checkpoints are
+        then sharded, through torch.distributed.checkpoint: <checkpoint_dir>/step-<N>/ (each rank its
+        own shards of the model and optimizer state, rank 0 the rest in trainer.pt) and
+        <checkpoint_dir>/latest naming the newest complete one; resume is exact as with "ddp".
+        In a world of one process "fsdp" trains the plain model and still writes sharded checkpoints.
+    blocks: strategy="fsdp" only: which submodules are FSDP2 groups; None (the children of every
+        nn.ModuleList), a module class or tuple of classes, or a function (name, module) -> bool.
+    fsdp_options: strategy="fsdp" only: keyword arguments of torchfast.distributed.shard
+        (reshard_after_forward, mp_policy, offload, mesh).
 
     Raises ValueError/TypeError for a model without trainable parameters, an optimizer holding
-    parameters that are not the model's, accumulate < 1, an unknown amp mode, profile without log_dir.
+    parameters that are not the model's, accumulate < 1, an unknown amp mode, profile without log_dir;
+    and, before any collective, for DDP and FSDP mixed (a DistributedDataParallel inside the model with
+    strategy="fsdp", a fully_shard'ed module with strategy="ddp"), `blocks`/`fsdp_options` without
+    strategy="fsdp", amp="fp16" (a GradScaler) with strategy="fsdp", and an optimizer that
+    already holds state when the Trainer shards the model.
     """
 
     def __init__(
@@ -168,16 +191,41 @@ class Trainer:
         progress: TextIO | None = sys.stderr,
         device: str | torch.device | None = None,
         world_size: int | None = None,
+        strategy: str = "ddp",
+        blocks: Any = None,
+        fsdp_options: dict | None = None,
     ):
         self._check_args(model, optimizer, loss_fn, amp, accumulate, profile, log_dir, checkpoint_every)
+        presharded = _check_strategy(model, optimizer, strategy, blocks, fsdp_options)
+        self.strategy = strategy
         self.world = tfdist.init(device=device, expected_world_size=world_size)
         self.device = self.world.device
         self.policy = policy(self.device, amp)
+        if strategy == "fsdp" and self.policy.use_scaler:
+            # GradScaler looks for inf/NaN in this rank's gradient shards only: ranks could disagree on
+            # skipping a step and their shards of one model would drift apart.
+            raise ValueError(
+                f"torchfast.Trainer: amp={amp!r} means float16 with a GradScaler here, which is not "
+                "supported with strategy='fsdp' (the scaler checks only this rank's gradient shards); "
+                "use amp='bf16', or fsdp_options={'mp_policy': MixedPrecisionPolicy(...)} with amp='off'"
+            )
         self.module = model.to(self.device)
-        self.model = tfdist.wrap(self.module)
-        ddp = self.model if self.model is not self.module else None
+        ddp = None
+        if strategy == "fsdp":
+            self.model = self.module if presharded else _shard(self.module, optimizer, blocks, fsdp_options)
+        else:
+            self.model = tfdist.wrap(self.module)
+            ddp = self.model if self.model is not self.module else None
         if compile:
-            self.model = torch.compile(self.model, **(compile if isinstance(compile, dict) else {}))
+            options = compile if isinstance(compile, dict) else {}
+            blocks_sharded = [m for m in self.module.modules() if m is not self.module and _is_fsdp(m)]
+            if blocks_sharded:
+                # Per block, as FSDP2 is tested with (tests/train/test_fsdp.py: one graph per block, no
+                # graph break); in place, so parameter names and checkpoints stay those of the model.
+                for block in blocks_sharded:
+                    block.compile(**options)
+            else:
+                self.model = torch.compile(self.model, **options)
         self.optimizer, self.loss_fn, self.scheduler = optimizer, loss_fn, scheduler
         self.stepper = Stepper(self.model, optimizer, amp=self.policy, grad_clip=grad_clip, ddp=ddp)
         self.accumulate = accumulate
@@ -266,39 +314,76 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path | None:
-        return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir is not None else None
+        """strategy="ddp": <checkpoint_dir>/checkpoint.pt. strategy="fsdp": the folder of the newest
+        complete sharded checkpoint (None before the first one)."""
+        if self.checkpoint_dir is None:
+            return None
+        if self.strategy == "fsdp":
+            return _dcp.latest(self.checkpoint_dir)
+        return self.checkpoint_dir / CHECKPOINT_NAME
 
     def save_checkpoint(self, epoch: int, batch: int) -> Path | None:
-        """Write the checkpoint: every rank contributes its RNG state, rank 0 writes. `epoch` and
+        """Write the checkpoint: every rank contributes its RNG state, rank 0 writes (with
+        strategy="fsdp" every rank writes its shards as well: call it on every rank). `epoch` and
         `batch` are where training continues (batch: loader batches already done in that epoch)."""
-        if self.checkpoint_path is None:
+        if self.checkpoint_dir is None:
             return None
         rngs: list[Any] = [_rng_state()]
         if self.world.distributed:
             rngs = [None] * self.world.world_size
             dist.all_gather_object(rngs, _rng_state())
+        if self.strategy == "fsdp":
+            return _dcp.save(self.checkpoint_dir, self.step, self.module, self.optimizer,
+                             self._meta(epoch, batch, rngs), is_main=self.world.is_main,
+                             barrier=tfdist.barrier, save_meta=save_atomic)
         if self.world.is_main:
             state = {
                 "model": self.module.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "scaler": self.stepper.scaler.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "epoch": epoch,
-                "batch": batch,
-                "step": self.step,
-                "losses": self.losses,
-                "val_losses": self.val_losses,
-                "skipped_steps": self.stepper.skipped_steps,
-                "world_size": self.world.world_size,
-                "accumulate": self.accumulate,
-                "rng": rngs,
+                **self._meta(epoch, batch, rngs),
             }
             save_atomic(state, self.checkpoint_path)
         return self.checkpoint_path
 
-    def _load_checkpoint(self) -> dict[str, Any]:
-        path = self.checkpoint_path
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    def _meta(self, epoch: int, batch: int, rngs: list[Any]) -> dict[str, Any]:
+        """Everything of a checkpoint but the model and the optimizer state."""
+        return {
+            "strategy": self.strategy,
+            "scaler": self.stepper.scaler.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": epoch,
+            "batch": batch,
+            "step": self.step,
+            "losses": self.losses,
+            "val_losses": self.val_losses,
+            "skipped_steps": self.stepper.skipped_steps,
+            "world_size": self.world.world_size,
+            "accumulate": self.accumulate,
+            "rng": rngs,
+        }
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint fit(resume=True) continues from, or None. Raises when checkpoint_dir holds
+        only a checkpoint of the other strategy (resuming afresh would silently drop it)."""
+        mine = self.checkpoint_path
+        if mine is not None and mine.exists():
+            return mine
+        other = "ddp" if self.strategy == "fsdp" else "fsdp"
+        found = ((self.checkpoint_dir / CHECKPOINT_NAME).is_file() if other == "ddp"
+                 else (self.checkpoint_dir / _dcp.LATEST).is_file())
+        if found:
+            raise ValueError(
+                f"torchfast.Trainer.fit(resume=True): {self.checkpoint_dir} holds a checkpoint written "
+                f"with strategy={other!r} but this Trainer has strategy={self.strategy!r}; resume with "
+                f"strategy={other!r}, or use another checkpoint_dir to start afresh"
+            )
+        return None
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        if self.strategy == "fsdp":
+            state = _dcp.load(path, self.module, self.optimizer, self.device)
+        else:
+            state = torch.load(path, map_location=self.device, weights_only=True)
         if state["world_size"] != self.world.world_size:
             raise RuntimeError(
                 f"torchfast.Trainer.fit(resume=True): {path} was written by "
@@ -311,8 +396,9 @@ class Trainer:
                 f"torchfast.Trainer.fit(resume=True): {path} was trained with accumulate="
                 f"{state['accumulate']}, this Trainer has accumulate={self.accumulate}"
             )
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.strategy != "fsdp":
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.stepper.scaler.load_state_dict(state["scaler"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -361,9 +447,10 @@ class Trainer:
         n = len(loader)
         steps_per_epoch = math.ceil(n / self.accumulate)
         start_epoch, skip, resumed_from = 0, 0, None
-        if resume and self.checkpoint_path.exists():
-            state = self._load_checkpoint()
-            start_epoch, skip, resumed_from = state["epoch"], state["batch"], str(self.checkpoint_path)
+        path = self._resume_point() if resume else None
+        if path is not None:
+            state = self._load_checkpoint(path)
+            start_epoch, skip, resumed_from = state["epoch"], state["batch"], str(path)
             rng = state["rng"][self.world.rank]
         writer = self._writer_for_run()
         remaining = max(0, epochs - start_epoch) * steps_per_epoch - math.ceil(skip / self.accumulate)
@@ -429,7 +516,7 @@ class Trainer:
             resumed_from=resumed_from,
             log_dir=str(self.log_dir) if self.log_dir else None,
             profile_dir=str(profile_dir) if profile_dir else None,
-            checkpoint=str(self.checkpoint_path) if self.checkpoint_path else None,
+            checkpoint=str(self.checkpoint_path) if self.checkpoint_path is not None else None,
         )
 
     def _train_step(self, group: list[Any], writer: Any, detector: Any, t0: float, samples: int) -> int:
@@ -482,6 +569,76 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _check_strategy(
+    model: nn.Module, optimizer: torch.optim.Optimizer, strategy: Any, blocks: Any, fsdp_options: Any
+) -> bool:
+    """The strategy arguments, checked before torchfast.distributed.init and any collective (every rank
+    raises the same error on its own). Returns whether the model is sharded already (fully_shard)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"torchfast.Trainer: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    sharded = tfdist._first_sharded(model)
+    if strategy == "ddp":
+        if blocks is not None or fsdp_options is not None:
+            given = "blocks" if blocks is not None else "fsdp_options"
+            raise ValueError(f"torchfast.Trainer: {given}= applies to strategy='fsdp' only; this Trainer "
+                             "has strategy='ddp'")
+        if sharded is not None:
+            raise ValueError(
+                f"torchfast.Trainer: module {sharded!r} of the model is sharded with FSDP2 (fully_shard), "
+                "but strategy='ddp' would wrap the model in DistributedDataParallel; DDP and FSDP cannot "
+                "be mixed (both reduce the gradients): pass strategy='fsdp'"
+            )
+        return False
+    ddp = tfdist._first(model, DistributedDataParallel)
+    if ddp is not None:
+        raise ValueError(
+            f"torchfast.Trainer: module {ddp!r} of the model is a DistributedDataParallel, but "
+            "strategy='fsdp' shards the model with FSDP2; DDP and FSDP cannot be mixed (both reduce the "
+            "gradients): pass the plain module (torchfast.distributed.unwrap gives it)"
+        )
+    if fsdp_options is not None:
+        if not isinstance(fsdp_options, dict):
+            raise TypeError(f"torchfast.Trainer: fsdp_options must be a dict of keyword arguments of "
+                            f"torchfast.distributed.shard, got {type(fsdp_options).__name__}")
+        unknown = sorted(set(fsdp_options) - set(FSDP_OPTIONS))
+        if unknown:
+            raise ValueError(f"torchfast.Trainer: unknown fsdp_options {unknown}; allowed: {FSDP_OPTIONS}")
+    if sharded is not None:
+        if blocks is not None or fsdp_options is not None:
+            raise ValueError(
+                f"torchfast.Trainer: module {sharded!r} of the model is sharded already (fully_shard), so "
+                "blocks= and fsdp_options= cannot apply: pass the plain model, or leave them out"
+            )
+        return True
+    return False
+
+
+def _shard(
+    model: nn.Module, optimizer: torch.optim.Optimizer, blocks: Any, options: dict | None
+) -> nn.Module:
+    """`model` sharded with torchfast.distributed.shard, and `optimizer`'s parameter groups re-pointed
+    at the sharded parameters. fully_shard replaces every parameter by a new DTensor Parameter of the
+    same name, so the optimizer built on the plain model would step tensors the model no longer uses;
+    its groups (learning rates, weight decay, ...) are kept, matched by parameter name."""
+    if optimizer.state and tfdist.world().distributed:
+        # In a world of one nothing is sharded and the optimizer keeps its parameters and state.
+        raise ValueError(
+            "torchfast.Trainer: with strategy='fsdp' the Trainer shards the model and re-points the "
+            "optimizer at the shards, but this optimizer already holds state (it has stepped or loaded a "
+            "state_dict); give a fresh one (resume=True restores its state from the checkpoint)"
+        )
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    model = tfdist.shard(model, blocks=blocks, **(options or {}))
+    sharded = dict(model.named_parameters(remove_duplicate=False))
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    return model
 
 
 def _batch_len(batch: Any) -> int:

@@ -15,6 +15,23 @@ EPOCHS = 2
 CONFIGS = {"plain": (8, 1), "accumulate": (4, 2)}
 
 
+class Crash(Exception):
+    """Stands for the process being killed in the middle of a step."""
+
+
+def crashing_mse(after_calls: int | None):
+    """mse_loss that raises Crash on call number `after_calls` + 1 (a kill in the middle of a step)."""
+    calls = [0]
+
+    def loss(out, target):
+        calls[0] += 1
+        if after_calls is not None and calls[0] > after_calls:
+            raise Crash(f"injected crash at loss call {calls[0]}")
+        return nn.functional.mse_loss(out.float(), target)
+
+    return loss
+
+
 def make_model(seed: int = 0, dropout: float = 0.0) -> nn.Module:
     """torchfast modules: fused Linear+swish, RMSNorm, and a plain Linear head."""
     torch.manual_seed(seed)

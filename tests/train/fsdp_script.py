@@ -23,6 +23,9 @@ Configurations (tests/train/test_fsdp.py and docs/distributed.md name them):
   errors        bad input refused by torchfast.distributed.shard / wrap on both ranks, by name
   view-control  torch's own nn.Linear (bias, 3-D input) as a sharded module: FSDP2 must warn that it
                 returned a view (the positive control for the no-warning checks)
+  hf            a tiny random transformers Llama (3 decoder layers, tied embeddings) after
+                torchfast.transformers.patch, trained with labels (the fused linear_cross_entropy loss),
+                each decoder layer and the root sharded; needs transformers
 """
 
 from __future__ import annotations
@@ -72,7 +75,18 @@ class Case:
     def __init__(self, name: str):
         self.name = name
         torch.manual_seed(0)
-        if name == "optimize":
+        if name == "hf":
+            import transformers
+
+            config = transformers.LlamaConfig(
+                hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=67, max_position_embeddings=64, tie_word_embeddings=True)
+            self.model = transformers.LlamaForCausalLM(config)
+            report = torchfast.transformers.patch(self.model)
+            self.patched = sorted({r.part for r in report.replaced})
+            g = torch.Generator().manual_seed(1)
+            self.data = [(torch.randint(0, 67, (GLOBAL_BATCH, SEQ), generator=g),) for _ in range(STEPS)]
+        elif name == "optimize":
             self.model, _ = torchfast.optimize(LlamaStack(layers=2, hidden_size=HIDDEN, intermediate_size=64),
                                                verify=False)
             g = torch.Generator().manual_seed(1)
@@ -86,10 +100,15 @@ class Case:
         if self.name == "optimize":
             x, y = batch
             return F.mse_loss(model(x[rows]).float(), y[rows])
+        if self.name == "hf":
+            ids = batch[0][rows]
+            out = model(input_ids=ids, labels=ids)
+            assert out.logits is None or not model.training, "the patched loss built the logits"
+            return out.loss.float()
         return model(batch[0][rows]).float()
 
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        return list(model.layers)
+        return list(model.model.layers) if self.name == "hf" else list(model.layers)
 
 
 def reference_step(case: Case, ref, opt, batch, bf16: bool):
@@ -137,6 +156,8 @@ def run(name: str) -> dict:
         torchfast.distributed.shard(model, reshard_after_forward=name != "no-reshard", mp_policy=mp,
                                     offload=name == "offload")
     result["fsdp_modules"] = sum(isinstance(m, FSDPModule) for m in model.modules())
+    if name == "hf":
+        result["patched"] = case.patched
     if name in ("compile", "compile-aot"):
         # in place: parameter names stay those of the reference. aot_eager traces the same graphs
         # (dynamo and AOTAutograd, FSDP2's hooks, the torchfast ops) without inductor's C++ build.

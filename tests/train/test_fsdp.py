@@ -9,6 +9,7 @@ here)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +18,10 @@ import torch
 
 from tests.train.test_distributed import ROOT, explain, torchrun
 
+HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 DEFAULT = ["per-block", "no-reshard", "bf16", "offload", "checkpoint", "optimize", "raw", "compile-aot"]
+# a torchfast.transformers-patched Llama, when transformers is installed (the test extra has it)
+LAUNCHED = DEFAULT + (["hf"] if HAVE_TRANSFORMERS else [])
 # Float32 rounding: the first step's gradients differ only in the order of the batch sums (2 halves
 # reduced across ranks vs one batch), measured <= 3.3e-7 of the largest gradient element. Later steps
 # start from weights that AdamW already moved apart by such rounding, amplified by its normalisation
@@ -37,7 +41,7 @@ def _launch(tmp_path_factory, configs: list[str], timeout: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    return _launch(tmp_path_factory, [*DEFAULT, "errors", "view-control"], timeout=240)
+    return _launch(tmp_path_factory, [*LAUNCHED, "errors", "view-control"], timeout=240)
 
 
 def _check_parity(name: str, r: dict) -> None:
@@ -60,6 +64,16 @@ def test_two_processes_match_one_process(results: dict, name: str):
     """Losses, gathered gradients of every step and final weights of 3 AdamW steps under FSDP2 equal
     one float32 process within float32 rounding; no torchfast module output trips FSDP2's view warning."""
     _check_parity(name, results[name])
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed (pip install -e '.[hf]')")
+def test_patched_transformers_model_matches_one_process(results: dict):
+    """A transformers Llama after torchfast.transformers.patch (fused norms, MLPs, rotary and the
+    linear_cross_entropy loss with tied embeddings), sharded per decoder layer: the same parity with one
+    process as the torchfast.nn models."""
+    r = results["hf"]
+    _check_parity("hf", r)
+    assert {"rms_norm", "mlp", "rope", "loss"} <= set(r["patched"]), r["patched"]
 
 
 def test_uneven_vocab_is_sharded_and_gathered(results: dict):
@@ -88,7 +102,9 @@ def test_bad_input_is_refused_by_name_on_both_ranks(results: dict):
     assert "module 'layers.1' of the model is a DistributedDataParallel" in m["ddp-inside"], m
     assert m["ddp-over-fsdp"].startswith("ValueError: torchfast.distributed.wrap: module '<root>'"), m
     assert "already sharded" in m["twice"], m
-    assert "torchfast.distributed.wrap: module '<root>' of the model is already sharded" in m["trainer"], m
+    # the Trainer's default strategy="ddp" would wrap it in DDP: refused, pointing at strategy="fsdp"
+    assert ("torchfast.Trainer: module '<root>' of the model is sharded with FSDP2 (fully_shard), but "
+            "strategy='ddp'") in m["trainer"] and "pass strategy='fsdp'" in m["trainer"], m
     assert "'layers.2.side.2.weight' (group 'layers.2')" in m["shared-between-blocks"], m
     assert "'layers.0.self_attn.o_proj.weight' (group 'layers.0')" in m["shared-between-blocks"], m
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchfast
-from tests.train.common import dataset, make_model
+from tests.train.common import Crash, crashing_mse, dataset, make_model
+from torchfast import _dcp
 from torchfast import distributed as tfdist
 from torchfast.hooks import NonFiniteError
 from torchfast.trainer import CHECKPOINT_NAME, NonFiniteLossError, Trainer
@@ -30,24 +32,8 @@ def _one_thread_fresh_world():
     torch.set_num_threads(threads)
 
 
-class Crash(Exception):
-    pass
-
-
-def crashing_mse(after_calls: int | None):
-    """mse_loss that raises Crash on call number `after_calls` + 1 (a kill in the middle of a step)."""
-    calls = [0]
-
-    def loss(out, target):
-        calls[0] += 1
-        if after_calls is not None and calls[0] > after_calls:
-            raise Crash(f"injected crash at loss call {calls[0]}")
-        return nn.functional.mse_loss(out.float(), target)
-
-    return loss
-
-
-def run(tmp_path, *, crash_after: int | None = None, resume: bool = False, seed: int = 0, amp: str = "off"):
+def run(tmp_path, *, crash_after: int | None = None, resume: bool = False, seed: int = 0, amp: str = "off",
+        strategy: str = "ddp"):
     """3 epochs x 4 optimizer steps (8 batches of 8, accumulate 2) of a model with dropout (so the RNG
     state matters), AdamW + StepLR, a checkpoint every 3 steps. Returns (model, FitResult)."""
     model = make_model(seed=seed, dropout=0.2)
@@ -64,25 +50,36 @@ def run(tmp_path, *, crash_after: int | None = None, resume: bool = False, seed:
         checkpoint_every=3,
         scheduler=sched,
         progress=None,
+        strategy=strategy,
     )
     loader = tfdist.data_loader(dataset(), 8, shuffle=True, num_workers=0)
     return model, trainer.fit(loader, 3, resume=resume)
 
 
+def saved_state(tmp_path, strategy: str) -> dict:
+    """The trainer state of the newest checkpoint under tmp_path/ckpt (for "fsdp" without the model)."""
+    if strategy == "fsdp":
+        return torch.load(_dcp.latest(tmp_path / "ckpt") / _dcp.META, weights_only=True)
+    return torch.load(tmp_path / "ckpt" / CHECKPOINT_NAME, weights_only=True)
+
+
 @pytest.mark.parametrize(
-    "crash_after, amp", [(13, "off"), (9, "fp16")], ids=["mid-epoch-checkpoint", "epoch-end-checkpoint-fp16"]
+    "crash_after, amp, strategy",
+    [(13, "off", "ddp"), (9, "fp16", "ddp"), (13, "off", "fsdp"), (9, "bf16", "fsdp")],
+    ids=["mid-epoch-checkpoint", "epoch-end-checkpoint-fp16", "fsdp-mid-epoch", "fsdp-epoch-end-bf16"],
 )
-def test_resume_after_a_crash_gives_the_same_weights(tmp_path, crash_after, amp):
+def test_resume_after_a_crash_gives_the_same_weights(tmp_path, crash_after, amp, strategy):
     """Crash in step 7 (last checkpoint: step 6, mid-epoch) or step 5 (last: step 4, an epoch end),
-    then resume with a freshly initialised model: the final weights equal an uninterrupted run's."""
+    then resume with a freshly initialised model: the final weights equal an uninterrupted run's, to
+    the bit. strategy="fsdp" in one process trains the plain model but writes and reads its checkpoints
+    through torch.distributed.checkpoint (tests/train/test_trainer_fsdp.py does it sharded, 2 ranks)."""
     torch.manual_seed(123)
-    reference, ref_result = run(tmp_path / "ref", amp=amp)
+    reference, ref_result = run(tmp_path / "ref", amp=amp, strategy=strategy)
     torch.manual_seed(7)  # a different global RNG state: the checkpoint must restore it
     with pytest.raises(Crash):
-        run(tmp_path / "crash", crash_after=crash_after, amp=amp)
-    ckpt = torch.load(tmp_path / "crash" / "ckpt" / CHECKPOINT_NAME, weights_only=True)
-    assert ckpt["step"] == (6 if crash_after == 13 else 4)
-    resumed, result = run(tmp_path / "crash", resume=True, seed=99, amp=amp)
+        run(tmp_path / "crash", crash_after=crash_after, amp=amp, strategy=strategy)
+    assert saved_state(tmp_path / "crash", strategy)["step"] == (6 if crash_after == 13 else 4)
+    resumed, result = run(tmp_path / "crash", resume=True, seed=99, amp=amp, strategy=strategy)
     assert result.resumed_from is not None and result.steps == ref_result.steps == 12
     assert result.losses == ref_result.losses
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
@@ -295,11 +292,90 @@ def test_bad_fit_arguments(tmp_path):
         trainer.fit(dataset(), 1, batch_size=8, resume=True)
 
 
-def test_resume_with_another_world_size_is_refused(tmp_path):
-    run(tmp_path)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_with_another_world_size_is_refused(tmp_path, strategy):
+    run(tmp_path, strategy=strategy)
     path = tmp_path / "ckpt" / CHECKPOINT_NAME
+    if strategy == "fsdp":
+        path = _dcp.latest(tmp_path / "ckpt") / _dcp.META
     state = torch.load(path, weights_only=True)
     state["world_size"] = 2
     torch.save(state, path)
     with pytest.raises(RuntimeError, match="written by 2 processes but this run has world size 1"):
-        run(tmp_path, resume=True)
+        run(tmp_path, resume=True, strategy=strategy)
+
+
+def test_resume_with_the_other_strategy_is_refused(tmp_path):
+    """A checkpoint_dir that holds only the other strategy's checkpoint is not silently started afresh."""
+    run(tmp_path / "a", strategy="ddp")
+    with pytest.raises(ValueError, match="written with strategy='ddp' but this Trainer has strategy='fsdp'"):
+        run(tmp_path / "a", resume=True, strategy="fsdp")
+    run(tmp_path / "b", strategy="fsdp")
+    with pytest.raises(ValueError, match="written with strategy='fsdp' but this Trainer has strategy='ddp'"):
+        run(tmp_path / "b", resume=True, strategy="ddp")
+
+
+def test_sharded_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """strategy="fsdp": a crash in the middle of torch.distributed.checkpoint's write leaves `latest`
+    naming the previous complete checkpoint, which still loads; the next write replaces the debris."""
+    import torch.distributed.checkpoint as dcp
+
+    model, result = run(tmp_path, strategy="fsdp")
+    good = _dcp.latest(tmp_path / "ckpt")
+    assert good.name == "step-00000012" and result.checkpoint == str(good)
+    trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-2), nn.functional.mse_loss,
+                      amp="off", checkpoint_dir=tmp_path / "ckpt", progress=None, strategy="fsdp")
+    trainer.step = 13
+
+    def broken_save(state_dict, *, checkpoint_id, **kwargs):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half a shard")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dcp, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(epoch=4, batch=0)
+    monkeypatch.undo()
+    assert _dcp.latest(tmp_path / "ckpt") == good
+    assert torch.load(good / _dcp.META, weights_only=True)["step"] == 12
+    _, again = run(tmp_path, resume=True, seed=99, strategy="fsdp")  # the old one still loads
+    assert again.resumed_from == str(good) and again.steps == 12
+    assert trainer.save_checkpoint(epoch=4, batch=0).name == "step-00000013"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-00000013"]
+
+
+def test_strategy_bad_input():
+    """Refused by name before torchfast.distributed.init (so before any collective)."""
+    with pytest.raises(ValueError, match=r"strategy must be one of \('ddp', 'fsdp'\), got 'zero3'"):
+        _trainer(make_model(), strategy="zero3")
+    with pytest.raises(ValueError, match="blocks= applies to strategy='fsdp' only"):
+        _trainer(make_model(), blocks=nn.Linear)
+    with pytest.raises(ValueError, match=r"unknown fsdp_options \['reshard'\]"):
+        _trainer(make_model(), strategy="fsdp", fsdp_options={"reshard": False})
+    with pytest.raises(ValueError, match="amp='fp16' means float16 with a GradScaler .* strategy='fsdp'"):
+        _trainer(make_model(), strategy="fsdp", amp="fp16")
+    # what shard() refuses, by name, through the Trainer (in a world of one the same checks run)
+    with pytest.raises(ValueError, match=r"shard: blocks=<class '.*Conv2d'> matched no submodule"):
+        _trainer(make_model(), strategy="fsdp", blocks=nn.Conv2d)
+    scalar = make_model()
+    scalar[1].gain = nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"parameter '1.gain' is a scalar \(0 dimensions\)"):
+        _trainer(scalar, strategy="fsdp")
+    assert not torch.distributed.is_initialized()
+
+
+def test_fsdp_in_a_world_of_one_keeps_the_optimizer_groups():
+    """strategy="fsdp" without torchrun: the plain model trains, and every parameter group of the
+    optimizer (with its own learning rate) still holds the model's parameters. An optimizer that has
+    stepped is fine here (nothing is sharded; under torchrun it is refused: test_trainer_fsdp.py)."""
+    model = make_model()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.0},
+                           {"params": list(model[1].parameters()) + list(model[2].parameters())}],
+                          lr=0.1, momentum=0.9)
+    first = model[0].weight.detach().clone()
+    last = model[2].weight.detach().clone()
+    Trainer(model, opt, nn.functional.mse_loss, amp="off", strategy="fsdp", blocks=nn.Linear,
+            progress=None).fit(dataset(), 1, batch_size=16)
+    assert torch.equal(model[0].weight, first)  # lr 0 in its group
+    assert not torch.equal(model[2].weight, last)
+    assert opt.state and all(p in opt.state for p in model[2].parameters())
+    Trainer(model, opt, nn.functional.mse_loss, amp="off", strategy="fsdp", progress=None)

@@ -36,10 +36,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = (p(x).view(b, s, self.heads, d // self.heads).transpose(1, 2)
+        # -1 heads: under tensor parallelism (benchmarks/bench_distributed.py) each rank holds a share.
+        q, k, v = (p(x).view(b, s, -1, d // self.heads).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, d))
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
 class Block(nn.Module):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torchfast import _library
+from torchfast import _dtensor, _library
 from torchfast._registry import Impl, OpSpec, register, select
 from torchfast.reference.cross_entropy import (
     REDUCTIONS,
@@ -402,10 +402,17 @@ def _native_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_in
                                  label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None):
     if chunk_size is None:
         chunk_size = default_chunk_size(target.numel(), weight.shape[0], hidden.dtype)
+    # On token-sharded DTensors no rank knows the global count of non-ignored tokens that "mean" divides
+    # by: each rank sums its tokens (a Partial loss) and the division by the all-reduced count is a
+    # DTensor op, whose backward scales the gradients the forward computed for "sum".
+    dtensor_mean = reduction == "mean" and _dtensor.is_dtensor(hidden)
     loss = torch.ops.torchfast.linear_cross_entropy(
-        hidden, weight, target, bias, ignore_index=ignore_index, reduction=reduction,
+        hidden, weight, target, bias, ignore_index=ignore_index,
+        reduction="sum" if dtensor_mean else reduction,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_size=chunk_size,
         grad_mask=_grad_mask(hidden, weight, bias))[0]
+    if dtensor_mean:
+        loss = loss / (target != ignore_index).sum()
     return loss.to(hidden.dtype)
 
 

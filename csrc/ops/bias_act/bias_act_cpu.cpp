@@ -13,7 +13,7 @@ TORCHFAST_DECLARE_CPU_KERNEL(void, bias_act_bwd, c10::ScalarType, int, int64_t, 
 namespace torchfast {
 namespace {
 
-struct Cpu {
+struct BiasActCpu {
   struct Guard {
     explicit Guard(c10::Device) {}
   };
@@ -30,8 +30,8 @@ struct Cpu {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
-  m.impl("bias_act", &bias_act_op::bias_act<Cpu>);
-  m.impl("bias_act_backward", &bias_act_op::bias_act_backward<Cpu>);
+  m.impl("bias_act", &bias_act_op::bias_act<BiasActCpu>);
+  m.impl("bias_act_backward", &bias_act_op::bias_act_backward<BiasActCpu>);
 }
 
 }  // namespace torchfast

@@ -24,6 +24,7 @@
 #include <ATen/ops/tanh.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+#include <torchfast/autograd_util.h>
 
 #include "cross_entropy.h"
 
@@ -79,13 +80,7 @@ Tensor3 lce_backward_op(const at::Tensor& g, const at::Tensor& h, const at::Tens
   return op.call(g, h, w, t, b, lse, ii, ls, z, cap, chunk, mask);
 }
 
-OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 OptDouble opt_cap(double cap) { return cap > 0 ? OptDouble(cap) : std::nullopt; }
-
-at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
-  if (!b.defined()) return a;
-  return a.defined() ? a + b : b;
-}
 
 // d sum(grad_lse * lse) / d logits = grad_lse * softmax(s) * softcap'(x), in logits' dtype.
 at::Tensor lse_grad_term(const at::Tensor& grad_lse, const at::Tensor& logits, const at::Tensor& lse, double cap) {
@@ -183,13 +178,13 @@ class LinearCrossEntropyFunction : public torch::autograd::Function<LinearCrossE
         at::Tensor rows = g;
         if (reduction == "mean") rows = g / at::ne(target, ii).sum();
         if (reduction != "none") rows = rows.expand(target.sizes());
-        auto [dh, dw, db] = lce_backward_op(rows, hidden, weight, target, opt(bias), lse, ii, ls, z, opt_cap(cap),
-                                            chunk, grad_mask_int(need));
+        auto [dh, dw, db] = lce_backward_op(rows, hidden, weight, target, opt_defined(bias), lse, ii, ls, z,
+                                            opt_cap(cap), chunk, grad_mask_int(need));
         out = {dh, dw, db};
       }
     }
     if (grads[1].defined()) {  // only when a caller differentiates the lse output: builds the logits once
-      const at::Tensor logits = at::linear(hidden, weight, opt(bias));
+      const at::Tensor logits = at::linear(hidden, weight, opt_defined(bias));
       const at::Tensor d = lse_grad_term(grads[1], logits, lse, cap);
       const at::Tensor d2 = d.reshape({-1, d.size(-1)});
       if (need[0]) out[0] = add_defined(out[0], at::mm(d2, weight).reshape(hidden.sizes()));

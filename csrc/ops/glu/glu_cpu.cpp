@@ -13,7 +13,7 @@ TORCHFAST_DECLARE_CPU_KERNEL(void, glu_bwd, c10::ScalarType, int, int64_t, int64
 namespace torchfast {
 namespace {
 
-struct Cpu {
+struct GluCpu {
   struct Guard {
     explicit Guard(c10::Device) {}
   };
@@ -27,19 +27,19 @@ struct Cpu {
   }
 };
 
-using Ops = glu::GluOps<Cpu>;
+using GluCpuOps = glu::GluOps<GluCpu>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
-  m.impl("swiglu", &Ops::swiglu);
-  m.impl("swiglu_backward", &Ops::swiglu_backward);
-  m.impl("swiglu_packed", &Ops::swiglu_packed);
-  m.impl("swiglu_packed_backward", &Ops::swiglu_packed_backward);
-  m.impl("geglu", &Ops::geglu);
-  m.impl("geglu_backward", &Ops::geglu_backward);
-  m.impl("geglu_packed", &Ops::geglu_packed);
-  m.impl("geglu_packed_backward", &Ops::geglu_packed_backward);
+  m.impl("swiglu", &GluCpuOps::swiglu);
+  m.impl("swiglu_backward", &GluCpuOps::swiglu_backward);
+  m.impl("swiglu_packed", &GluCpuOps::swiglu_packed);
+  m.impl("swiglu_packed_backward", &GluCpuOps::swiglu_packed_backward);
+  m.impl("geglu", &GluCpuOps::geglu);
+  m.impl("geglu_backward", &GluCpuOps::geglu_backward);
+  m.impl("geglu_packed", &GluCpuOps::geglu_packed);
+  m.impl("geglu_packed_backward", &GluCpuOps::geglu_packed_backward);
 }
 
 }  // namespace torchfast

@@ -10,6 +10,7 @@
 #include <ATen/ops/pow.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+#include <torchfast/autograd_util.h>
 
 #include <optional>
 #include <tuple>
@@ -39,13 +40,6 @@ Grads3 layer_norm_backward_op(const at::Tensor& g, const at::Tensor& x, const Op
   return op.call(g, x, w, b, mean, rstd);
 }
 
-OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
-at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
-  if (!b.defined()) return a;
-  return a.defined() ? a + b : b;
-}
-
 class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
  public:
   static tensor_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
@@ -62,7 +56,7 @@ class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
     at::Tensor dx, dw, db;
     if (grads[0].defined()) {
-      auto [gx, gw, gb] = layer_norm_backward_op(grads[0], x, opt(weight), opt(bias), mean, rstd);
+      auto [gx, gw, gb] = layer_norm_backward_op(grads[0], x, opt_defined(weight), opt_defined(bias), mean, rstd);
       dx = gx;
       if (gw) dw = *gw;
       if (gb) db = *gb;

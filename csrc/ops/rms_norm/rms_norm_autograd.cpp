@@ -13,6 +13,7 @@
 #include <ATen/ops/pow.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+#include <torchfast/autograd_util.h>
 
 #include <optional>
 #include <tuple>
@@ -60,17 +61,10 @@ std::tuple<at::Tensor, OptTensor> add_rms_norm_backward_op(const at::Tensor& g, 
   return op.call(g, gh, h, w, rstd);
 }
 
-OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
-
 // dL/dx from a gradient reaching rstd = (mean(x^2) + eps)^(-1/2): -grad_rstd * rstd^3 * x / n.
 at::Tensor rstd_grad_term(const at::Tensor& grad_rstd, const at::Tensor& rstd, const at::Tensor& x) {
   const at::Tensor coef = (grad_rstd * rstd.pow(3) * (-1.0 / static_cast<double>(x.size(-1)))).unsqueeze(-1);
   return (coef * x.to(coef.scalar_type())).to(x.scalar_type());
-}
-
-at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b) {
-  if (!b.defined()) return a;
-  return a.defined() ? a + b : b;
 }
 
 class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
@@ -88,7 +82,7 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     const at::Tensor &x = saved[0], &weight = saved[1], &rstd = saved[2];
     at::Tensor dx, dw;
     if (grads[0].defined()) {
-      auto [gx, gw] = rms_norm_backward_op(grads[0], x, opt(weight), rstd);
+      auto [gx, gw] = rms_norm_backward_op(grads[0], x, opt_defined(weight), rstd);
       dx = gx;
       if (gw) dw = *gw;
     }
@@ -113,7 +107,7 @@ class AddRMSNormFunction : public torch::autograd::Function<AddRMSNormFunction> 
     const at::Tensor &h = saved[0], &weight = saved[1], &rstd = saved[2];
     at::Tensor dh = grads[1], dw;
     if (grads[0].defined()) {
-      auto [gh, gw] = add_rms_norm_backward_op(grads[0], opt(grads[1]), h, opt(weight), rstd);
+      auto [gh, gw] = add_rms_norm_backward_op(grads[0], opt_defined(grads[1]), h, opt_defined(weight), rstd);
       dh = gh;
       if (gw) dw = *gw;
     }

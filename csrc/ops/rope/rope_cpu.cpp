@@ -10,7 +10,7 @@ TORCHFAST_DECLARE_CPU_KERNEL(void, rope_kernel, c10::ScalarType, c10::ScalarType
 namespace torchfast {
 namespace {
 
-struct Cpu {
+struct RopeCpu {
   struct Guard {
     explicit Guard(c10::Device) {}
   };
@@ -19,13 +19,13 @@ struct Cpu {
   }
 };
 
-using Ops = rope::RopeOps<Cpu>;
+using RopeCpuOps = rope::RopeOps<RopeCpu>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchfast, CPU, m) {
-  m.impl("rope", &Ops::rope);
-  m.impl("rope_backward", &Ops::rope_backward);
+  m.impl("rope", &RopeCpuOps::rope);
+  m.impl("rope_backward", &RopeCpuOps::rope_backward);
 }
 
 }  // namespace torchfast
