@@ -1,7 +1,10 @@
-"""The AVX512_BF16 variant (ours: AVX-512 plus native float->bfloat16 rounding) against the AVX512
-variant it extends: the same kernels, so the bfloat16 results must agree bit for bit, except that the
-native instruction flushes float32 subnormals (|v| < 2^-126, which the emulation may round up to
-2^-126) to zero where the emulation keeps them."""
+"""ISA variants against each other where their results must agree bit for bit.
+
+- AVX512_BF16 (ours: AVX-512 plus native float->bfloat16 rounding) against the AVX512 variant it
+  extends: the same kernels, except that the native instruction flushes float32 subnormals
+  (|v| < 2^-126, which the emulation may round up to 2^-126) to zero where the emulation keeps them.
+- AVX2, whose elementwise kernels widen bf16/fp16 in float blocks (with_float_blocks in
+  elementwise.h), against AVX512's one-step loops: the same float math rounded once at the store."""
 
 import pytest
 import torch
@@ -9,10 +12,12 @@ import torch
 import torchfast
 
 RUNNABLE = torchfast._ext.runnable_cpu_isas()
-pytestmark = pytest.mark.skipif(
-    not {"AVX512", "AVX512_BF16"} <= set(RUNNABLE),
-    reason=f"needs the AVX512 and AVX512_BF16 variants and a CPU with both (runnable here: {RUNNABLE})",
-)
+
+def _needs(*isas):
+    why = f"needs the {' and '.join(isas)} variants built and runnable (here: {RUNNABLE})"
+    return pytest.mark.skipif(not set(isas) <= set(RUNNABLE), reason=why)
+
+
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -37,6 +42,7 @@ def _cases():
     }
 
 
+@_needs("AVX512", "AVX512_BF16")
 @pytest.mark.parametrize("name", list(_cases()))
 def test_native_bf16_rounding_matches_the_emulation(name, restore_cpu_isa):
     run = _cases()[name]
@@ -52,3 +58,48 @@ def test_native_bf16_rounding_matches_the_emulation(name, restore_cpu_isa):
     bad = ~(same | flushed)
     assert not bad.any(), f"{name}: {int(bad.sum())} elements differ, e.g. {a[bad][:4]} vs {b[bad][:4]}"
     assert same.float().mean() > 0.999
+
+
+def _elementwise_cases(dtype):
+    """Elementwise ops whose float math is the same on AVX2 and AVX-512. Left out: gelu with erf (bias_act
+    "gelu", geglu "none"), whose bf16 path divides on AVX2 but takes a 14-bit reciprocal on AVX-512
+    (recip_approx in elementwise.h): about 0.3% of bfloat16 results one unit apart, before and after
+    the float blocks."""
+    ops = torch.ops.torchfast
+    gen = torch.Generator().manual_seed(0)
+    # 2600 columns: rows end mid-block (512) and mid-vector; the view's rows start unaligned.
+    x = (torch.randn(37, 2600, generator=gen) * 4).to(dtype)
+    x[0, :8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-30, -3e-30, 88.0])
+    g, up = torch.randn(2, *x.shape, generator=gen).to(dtype)
+    b = torch.randn(x.shape[-1], generator=gen).to(dtype)
+    xv, gv = x[:, 5:2590], g[:, 5:2590]
+    flat = (torch.randn(100_003, generator=gen) * 4).to(dtype)  # one range split across threads
+    cases = {
+        "swish": lambda: [ops.swish(flat), ops.swish(xv)],
+        "swish_backward": lambda: [ops.swish_backward(flat, flat), ops.swish_backward(gv, xv)],
+        "swiglu": lambda: [ops.swiglu(x, up), ops.swiglu(xv, gv)],
+        "swiglu_backward": lambda: list(ops.swiglu_backward(g, x, up)),
+        "geglu_tanh": lambda: [ops.geglu(x, up, approximate="tanh")],
+        "geglu_tanh_backward": lambda: list(ops.geglu_backward(g, x, up, approximate="tanh")),
+    }
+    for act in ("relu", "gelu_tanh", "swish"):
+        cases[f"bias_act_{act}"] = lambda a=act: [ops.bias_act(x, b, act=a), ops.bias_act(xv, None, act=a)]
+        # dx and the bias gradient (float rows summed in the same order on both ISAs)
+        cases[f"bias_act_{act}_backward"] = lambda a=act: list(ops.bias_act_backward(g, x, b, act=a))
+    return cases
+
+
+@_needs("AVX2", "AVX512")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(_elementwise_cases(torch.bfloat16)))
+def test_avx2_float_blocks_match_the_one_step_loops(name, dtype, restore_cpu_isa):
+    run = _elementwise_cases(dtype)[name]
+    torchfast._ext.set_cpu_isa("AVX512")
+    one_step = run()
+    torchfast._ext.set_cpu_isa("AVX2")
+    blocks = run()
+    for i, (a, c) in enumerate(zip(one_step, blocks)):
+        a, c = a.float(), c.float()
+        bad = ~((a == c) | (a.isnan() & c.isnan()))
+        assert not bad.any(), (f"{name} output {i}: {int(bad.sum())} of {a.numel()} elements differ, e.g. at "
+                               f"{bad.nonzero()[:3].tolist()}: {a[bad][:3]} (AVX512) vs {c[bad][:3]} (AVX2)")

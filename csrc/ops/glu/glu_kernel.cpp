@@ -5,10 +5,12 @@
 //
 // act is swish (swiglu), gelu or gelu_tanh (geglu). The backward recomputes act(gate) and act'(gate)
 // from the saved inputs in the same pass, so autograd keeps no intermediate. bf16/fp16 are widened to
-// fp32 per vector and rounded once on store. Operands are row views (row_ptr.h), so the two halves of
-// a packed [..., 2H] tensor are read and written in place.
+// fp32 (per vector; on AVX2 per block, see with_float_blocks) and rounded once on store. Operands are
+// row views (row_ptr.h), so the two halves of a packed [..., 2H] tensor are read and written in place.
 #include <torchfast/activations.h>
 #include <torchfast/rowmap.h>
+
+#include <array>
 
 namespace torchfast::cpu {
 namespace CPU_CAPABILITY {
@@ -41,15 +43,17 @@ void glu_fwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, RowPtr 
     using L = MapLanes<T>;
     using V = typename L::V;
     parallel_rows(rows, cols, [&](int64_t r, int64_t c0, int64_t len) {
-      const T* gr = row<T>(gate, r) + c0;
-      const T* ur = row<T>(up, r) + c0;
-      T* yr = row<T>(out, r) + c0;
-      for_steps<L>(len, [&](int64_t i, int64_t n) {
-        V g[L::kN], u[L::kN];
-        L::load(gr + i, n, g);
-        L::load(ur + i, n, u);
-        for (int k = 0; k < L::kN; ++k) g[k] = A::fwd(g[k]) * u[k];
-        L::store(yr + i, n, g);
+      with_float_blocks<T>(len, std::array<const T*, 2>{row<T>(gate, r) + c0, row<T>(up, r) + c0},
+                           std::array<T*, 1>{row<T>(out, r) + c0},
+                           [&](int64_t, int64_t count, const auto& in, const auto& outs) {
+        using LE = LanesOf<decltype(outs)>;
+        for_steps<LE>(count, [&](int64_t i, int64_t n) {
+          V g[LE::kN], u[LE::kN];
+          LE::load(in[0] + i, n, g);
+          LE::load(in[1] + i, n, u);
+          for (int k = 0; k < LE::kN; ++k) g[k] = A::fwd(g[k]) * u[k];
+          LE::store(outs[0] + i, n, g);
+        });
       });
     });
   });
@@ -63,24 +67,25 @@ void glu_bwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, RowPtr 
     using L = MapLanes<T>;
     using V = typename L::V;
     parallel_rows(rows, cols, [&](int64_t r, int64_t c0, int64_t len) {
-      const T* dyr = row<T>(grad_out, r) + c0;
-      const T* gr = row<T>(gate, r) + c0;
-      const T* ur = row<T>(up, r) + c0;
-      T* dgr = row<T>(grad_gate, r) + c0;
-      T* dur = row<T>(grad_up, r) + c0;
-      for_steps<L>(len, [&](int64_t i, int64_t n) {
-        V dy[L::kN], g[L::kN], u[L::kN], dg[L::kN], du[L::kN];
-        L::load(dyr + i, n, dy);
-        L::load(gr + i, n, g);
-        L::load(ur + i, n, u);
-        for (int k = 0; k < L::kN; ++k) {
-          V y, d;
-          A::fwd_deriv(g[k], y, d);
-          du[k] = dy[k] * y;
-          dg[k] = dy[k] * u[k] * d;
-        }
-        L::store(dgr + i, n, dg);
-        L::store(dur + i, n, du);
+      with_float_blocks<T>(
+          len, std::array<const T*, 3>{row<T>(grad_out, r) + c0, row<T>(gate, r) + c0, row<T>(up, r) + c0},
+          std::array<T*, 2>{row<T>(grad_gate, r) + c0, row<T>(grad_up, r) + c0},
+          [&](int64_t, int64_t count, const auto& in, const auto& outs) {
+        using LE = LanesOf<decltype(outs)>;
+        for_steps<LE>(count, [&](int64_t i, int64_t n) {
+          V dy[LE::kN], g[LE::kN], u[LE::kN], dg[LE::kN], du[LE::kN];
+          LE::load(in[0] + i, n, dy);
+          LE::load(in[1] + i, n, g);
+          LE::load(in[2] + i, n, u);
+          for (int k = 0; k < LE::kN; ++k) {
+            V y, d;
+            A::fwd_deriv(g[k], y, d);
+            du[k] = dy[k] * y;
+            dg[k] = dy[k] * u[k] * d;
+          }
+          LE::store(outs[0] + i, n, dg);
+          LE::store(outs[1] + i, n, du);
+        });
       });
     });
   });
