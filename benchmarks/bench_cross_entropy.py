@@ -175,30 +175,12 @@ def linear_case(n: int, h: int, v: int, dtype_name: str, repeats: int, clock: st
 
 # -- peak memory: one variant per subprocess ----------------------------------------------------------
 
-def _status_kb(key: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
 def _rss_kb() -> int:
-    return _status_kb("VmRSS")
+    return H.status_kb("VmRSS")
 
 
 def _vm_hwm_kb() -> int:
-    return _status_kb("VmHWM")
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    return H.status_kb("VmHWM")
 
 
 def memory_child(spec: dict) -> dict:
@@ -212,7 +194,7 @@ def memory_child(spec: dict) -> dict:
     # every step's growth. VmHWM is the same peak for this process's own memory alone, and
     # /proc/self/clear_refs resets it once the inputs exist; ru_maxrss where /proc is missing.
     peak = _vm_hwm_kb if _vm_hwm_kb() > 0 else lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"inputs_rss_kb": _rss_kb(), "startup_maxrss_kb": peak(), "peak_reset": _reset_peak()}
+    out = {"inputs_rss_kb": _rss_kb(), "startup_maxrss_kb": peak(), "peak_reset": H.reset_peak()}
     out["base_maxrss_kb"] = peak()
     t0 = time.perf_counter()
     run()  # the result, gradients included, is dropped at once
@@ -223,7 +205,7 @@ def memory_child(spec: dict) -> dict:
     # many steps, and the first one also pages in library code (oneDNN/MKL kernels, thread pools) and,
     # for the compiled variant, compiles. Both steps are recorded.
     gc.collect()
-    if _reset_peak():
+    if H.reset_peak():
         base = peak()
         run()
         out["growth_bytes"] = (peak() - base) * 1024

@@ -62,24 +62,6 @@ LOSS_RTOL = {"float32": 1e-4, "bfloat16": 2e-2}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def _status_kb(key: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def build(spec: dict):
     """(step function, model) of one variant: a fresh seeded Llama, changed as the variant says."""
     import transformers
@@ -129,10 +111,10 @@ def child(spec: dict) -> dict:
     out["first_step_s"] = time.perf_counter() - t0  # compiles, for +compile
     step()
     gc.collect()
-    if _reset_peak():
-        base = _status_kb("VmHWM")
+    if H.reset_peak():
+        base = H.status_kb("VmHWM")
         step()
-        out["growth_bytes"] = (_status_kb("VmHWM") - base) * 1024
+        out["growth_bytes"] = (H.status_kb("VmHWM") - base) * 1024
     else:
         out["growth_bytes"] = None
     cpu = []

@@ -244,6 +244,26 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
+def status_kb(key: str) -> int:
+    """A kB counter of /proc/self/status (VmRSS, VmHWM, ...) of this process; -1 where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def reset_peak() -> bool:
+    """Resets this process's peak RSS (VmHWM) to its current RSS; False where Linux's clear_refs is missing."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
