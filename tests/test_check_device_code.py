@@ -52,7 +52,7 @@ def test_registers_against_the_block_each_kernel_gets():
     assert cdc.problems(ok, ELF, PTX, ALL, SOURCES, CONSTS) == []
     # 65 registers round up to 72: 72 x 1024 > 64K. The fp64 cross_entropy backward had 77 before its
     # launch bound. A kernel the script does not know is held to the row kernels' 1024 threads.
-    for bad in (kernel("ce_rows_kernel", 65), kernel("layer_norm_bwd_kernel", 77), kernel("rope_kernel", 72)):
+    for bad in (kernel("ce_rows_kernel", 65), kernel("layer_norm_bwd_kernel", 77), kernel("new_kernel", 72)):
         found = cdc.problems([bad], ELF, PTX, ALL, SOURCES, CONSTS)
         assert len(found) == 1 and "x 1024 threads > 65536" in found[0], found
 

@@ -50,7 +50,11 @@ def test_every_op_has_rules_forward_and_backward(results: dict):
 
     # The private _onednn_linear is left out: torchfast.ops.linear takes it only for plain tensors
     # (linear.eligible refuses tensor subclasses), so DTensors go through F.linear and torch's rules.
+    # So are the Triton ops (`*_triton`, defined once torchfast.triton is imported, e.g. by an earlier
+    # test in the same process): GPU kernels with their own signatures, without rules so far
+    # (docs/distributed.md says so); the native ops, on CPU and CUDA, are the ones covered.
     defined = {name for name in dir(torch.ops.torchfast) if not name.startswith("_")
+               and not name.endswith("_triton")
                and isinstance(getattr(torch.ops.torchfast, name), torch._ops.OpOverloadPacket)}
     assert defined - set(_dtensor._RULES) == set(), "ops without a DTensor sharding rule"
     checked = {rules[0]["op"] for rules in _ok(results, "rules")["cases"].values()}
