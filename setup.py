@@ -170,9 +170,12 @@ class BuildExtension(ce.BuildExtension):
 def _write_if_changed(path, text):
     """Writes a generated file only when its text changes: ninja rebuilds by time stamp."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if not os.path.isfile(path) or open(path).read() != text:
-        with open(path, "w") as fh:
-            fh.write(text)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            if fh.read() == text:
+                return os.path.relpath(path, ROOT)
+    with open(path, "w") as fh:
+        fh.write(text)
     return os.path.relpath(path, ROOT)
 
 
