@@ -103,7 +103,7 @@ def test_infinities_and_nan_propagate_like_torch():
     x[3, 5] = float("inf")
     x[4, :] = float("-inf")      # every logit -inf: NaN, as torch gives
     t = torch.tensor([2600, 7, 1, 2, 3, 4])
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
         y, g = _fwd_bwd(torchfast.cross_entropy, x.to(dtype), t, reduction="none")
         y_ref, g_ref = _fwd_bwd(F.cross_entropy, x, t, reduction="none")
         assert_close(y, y_ref, dtype=dtype)
@@ -356,6 +356,8 @@ def test_default_chunk_size_bounds_the_logits_buffer():
 
     assert default_chunk_size(4096, 32000, torch.float32) == CHUNK_MIN_ROWS == 128  # 16 MiB, not 65 rows
     assert default_chunk_size(4096, 128256, torch.bfloat16) == 128
-    assert default_chunk_size(100_000, 4000, torch.float32) == CHUNK_BYTES // (4000 * 4)  # 524 rows, 8 MiB
+    assert default_chunk_size(100_000, 4000, torch.float32) == 512  # 8 MiB fit 524 rows: a multiple of 32
+    assert default_chunk_size(4096, 32000, torch.bfloat16) == 128  # 131 rows fit: 4096 splits into 32
+    assert all(default_chunk_size(10**6, v, torch.float32) * v * 4 <= CHUNK_BYTES for v in (1000, 4000, 16000))
     assert default_chunk_size(10, 4000, torch.float32) == 10
     assert default_chunk_size(0, 4000, torch.float32) == 1

@@ -10,6 +10,7 @@
 // forward keeps no [rows, V] tensor. Math in fp32 (fp64 for double), bf16/fp16 widened on load.
 #include <torchfast/rowwise.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -21,6 +22,24 @@ namespace {
 
 // Elements per block: 8 KB of fp32, so the block is read from memory once and re-read from L1.
 constexpr int64_t kBlock = 2048;
+
+// exp of a value <= 0 (s - max or s - lse): ATen's 20-ULP polynomial exp for fp32 math, the exp ATen's
+// own softmax kernels use (Sleef's 1-ULP exp made the forward compute-bound: 0.63 ns per logit at
+// V=128256, 4x a read of the row). Inputs are never NaN here (a NaN row is handled before: the
+// polynomial would clamp NaN to a finite value); below ln(FLT_MIN) it gives 0. fp64 keeps Sleef's.
+template <typename A>
+inline Vectorized<A> exp_nonpos(const Vectorized<A>& v) {
+  if constexpr (std::is_same_v<A, float>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
+// The block's values in the math type: the row itself when it is already fp32/fp64 and not softcapped
+// (no copy), else `buf` filled by load_block.
+template <typename T, typename A>
+inline const A* block_values(const T* x, int64_t n, A cap, A* buf);
 
 template <typename A>
 inline A softcap_scalar(A x, A cap) {
@@ -51,6 +70,15 @@ inline void load_block(const T* x, int64_t n, A cap, A* buf) {
   }
 }
 
+template <typename T, typename A>
+inline const A* block_values(const T* x, int64_t n, A cap, A* buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (cap <= A(0)) return x;
+  }
+  load_block(x, n, cap, buf);
+  return buf;
+}
+
 template <typename T>
 void fwd_rows(const T* x, int64_t x_stride, const int64_t* target, int64_t begin, int64_t end, int64_t n,
               const CEOptions& o, acc_t<T>* loss, acc_t<T>* lse) {
@@ -65,9 +93,9 @@ void fwd_rows(const T* x, int64_t x_stride, const int64_t* target, int64_t begin
     bool nan = false;
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t cnt = std::min(kBlock, n - b);
-      load_block(row + b, cnt, cap, buf);
-      const A bmax = at::vec::reduce_all<A>([](const V& u, const V& v) { return at::vec::maximum(u, v); }, buf, cnt);
-      if (o.label_smoothing != 0) total += at::vec::reduce_all<A>([](const V& u, const V& v) { return u + v; }, buf, cnt);
+      const A* vals = block_values(row + b, cnt, cap, buf);
+      const A bmax = at::vec::reduce_all<A>([](const V& u, const V& v) { return at::vec::maximum(u, v); }, vals, cnt);
+      if (o.label_smoothing != 0) total += at::vec::reduce_all<A>([](const V& u, const V& v) { return u + v; }, vals, cnt);
       if (std::isnan(bmax)) {
         nan = true;
         continue;
@@ -79,8 +107,8 @@ void fwd_rows(const T* x, int64_t x_stride, const int64_t* target, int64_t begin
       }
       if (m == inf) continue;  // NaN below
       const V mv(m);
-      sum += at::vec::map_reduce_all<A>([&](const V& v) { return (v - mv).exp(); },
-                                        [](const V& u, const V& v) { return u + v; }, buf, cnt);
+      sum += at::vec::map_reduce_all<A>([&](const V& v) { return exp_nonpos(v - mv); },
+                                        [](const V& u, const V& v) { return u + v; }, vals, cnt);
     }
     // All -inf: log(0) = -inf, and the loss -inf - (-inf) = NaN; NaN or +inf anywhere: NaN. These are
     // F.cross_entropy's answers (its log_softmax subtracts an infinite max).
@@ -118,13 +146,20 @@ void bwd_rows(const T* x, int64_t x_stride, const int64_t* target, const acc_t<T
     const A xt = ignored ? A(0) : static_cast<A>(row[t]);  // read before an in-place write overwrites it
     const A c1 = g * (A(1) + A(2) * static_cast<A>(o.z_loss) * l);  // multiplies p
     const A c0 = g * eps_v;                                            // subtracted from every class
+    if (!std::isfinite(l)) {
+      // A NaN or +inf logit gives lse = NaN, an all -inf row lse = -inf: every p is then NaN, as in
+      // F.cross_entropy's backward (whatever g is). Written directly: exp_nonpos must not see NaN.
+      std::fill(out, out + n, static_cast<T>(std::numeric_limits<A>::quiet_NaN()));
+      continue;
+    }
     const V c1v(c1), c0v(c0), lv(l), capv(cap), one(1);
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t cnt = std::min(kBlock, n - b);
-      load_block(row + b, cnt, cap, buf);
+      // In place (dx == x, linear_cross_entropy) each element is read before it is written.
+      const A* vals = block_values(row + b, cnt, cap, buf);
       int64_t j = 0;
       auto grad_of = [&](const V& s) {
-        V d = (s - lv).exp() * c1v - c0v;
+        V d = exp_nonpos(s - lv) * c1v - c0v;
         if (cap > A(0)) {
           const V r = s / capv;
           d = d * (one - r * r);
@@ -132,15 +167,15 @@ void bwd_rows(const T* x, int64_t x_stride, const int64_t* target, const acc_t<T
         return d;
       };
       if constexpr (std::is_same_v<T, A>) {
-        for (; j + V::size() <= cnt; j += V::size()) grad_of(V::loadu(buf + j)).store(out + b + j);
+        for (; j + V::size() <= cnt; j += V::size()) grad_of(V::loadu(vals + j)).store(out + b + j);
       } else {
         using R = Vectorized<T>;
         for (; j + R::size() <= cnt; j += R::size()) {
-          round_to<T>(grad_of(V::loadu(buf + j)), grad_of(V::loadu(buf + j + V::size()))).store(out + b + j);
+          round_to<T>(grad_of(V::loadu(vals + j)), grad_of(V::loadu(vals + j + V::size()))).store(out + b + j);
         }
       }
       for (; j < cnt; ++j) {
-        const A s = buf[j];
+        const A s = vals[j];
         A d = std::exp(s - l) * c1 - c0;
         if (cap > A(0)) d *= A(1) - (s / cap) * (s / cap);
         out[b + j] = static_cast<T>(d);
