@@ -61,6 +61,14 @@ class RotaryLayer(nn.Module):
         return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
 
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' module-level `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` by
+    torchfast.rope, for the attentions that call it without a kernel hook (Phi-3): what
+    `RotaryLayer.forward` computes, partial rotary included (cos/sin narrower than the head: the rest
+    of the head passes through, as Phi-3's own function does)."""
+    return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
 def offset_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Gemma's RMSNorm: y = (x / sqrt(mean(x^2) + eps)) * (1 + weight), in float32, returned in x's
     dtype. `1 + weight` is a [hidden] tensor built per call; its gradient flows to weight."""
