@@ -233,6 +233,47 @@ def test_phi3_module_level_rotary_fused_per_instance():
     assert not ops.names
 
 
+def test_attention_projections_run_torchfast_linear(monkeypatch):
+    """With oneDNN as the float32 GEMM library (forced here, the default on AMD CPUs), the attention
+    projections of a Llama wide enough for it (256 x 256 weights, 256 tokens: 2^24 multiply-adds per
+    call) run torchfast.ops.linear: one _onednn_linear per projection forward and one per input gradient
+    (the MLP's three through its fused forward). Loss and gradients match the unpatched model to float32
+    rounding, the state_dict is unchanged, unpatch and exclude="linear" take it away."""
+    monkeypatch.setenv("TORCHFAST_CPU_MATMUL", "onednn")
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(config)
+    model = copy.deepcopy(ref)
+    report = tft.patch(model)
+    linears = sorted(r.name for r in report.replaced if r.part == "linear")
+    attn = [f"model.layers.0.self_attn.{p}" for p in ("k_proj", "o_proj", "q_proj", "v_proj")]
+    # lm_head (VOCAB x 256) too; in training with labels the fused loss reads its weight instead.
+    assert linears == ["lm_head", *attn], str(report)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    ids, labels = _batch(batch=2, tokens=128)
+    with _Ops() as ops:
+        out, grads = _step(model, ids, labels)
+    assert ops.counts.get("_onednn_linear") == 2 * (4 + 3), ops.counts
+    out_ref, grads_ref = _step(ref, ids, labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-6, msg=_named(name))
+    with torch.no_grad(), _Ops() as ops:  # eval: lm_head builds the logits, through oneDNN too
+        logits = model.eval()(input_ids=ids).logits
+    assert ops.counts.get("_onednn_linear") == 4 + 3 + 1, ops.counts
+    torch.testing.assert_close(logits, ref.eval()(input_ids=ids).logits, rtol=1e-5, atol=2e-5)
+
+    tft.unpatch(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    report = tft.patch(model, exclude="linear")
+    assert "linear" not in report.parts() and ("linear", "excluded") in {(s.part, s.reason)
+                                                                          for s in report.left_alone}
+    with _Ops() as ops:
+        _step(model, ids, labels)
+    assert ops.counts.get("_onednn_linear") == 2 * 3, ops.counts  # the MLP's only
+
+
 def test_rebind_refuses_a_wrapper_it_cannot_copy():
     """A decorator that does not keep the wrapped function in a closure cell cannot be rebuilt around the
     copy: with_global says so (patch then reports the rotary as left) instead of dropping the wrapper."""

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchfast._optimize._rules import MIN_LINEAR_WEIGHT
+from torchfast.ops.linear import cpu_matmul_backend
 from torchfast.ops.rope import rope_cache
 from torchfast.transformers import _layers, _rebind
 from torchfast.transformers._loss import causal_lm_forward
@@ -34,7 +36,7 @@ from torchfast.transformers._report import LeftAsIs, Patched, PatchReport
 
 __all__ = ["PARTS", "SUPPORTED", "LeftAsIs", "PatchReport", "Patched", "is_patched", "patch", "unpatch"]
 
-PARTS = ("rms_norm", "layer_norm", "mlp", "rope", "loss")
+PARTS = ("rms_norm", "layer_norm", "mlp", "rope", "linear", "loss")
 # Causal LMs whose forward torchfast knows (base model -> lm_head -> [softcap] -> ForCausalLMLoss), so the
 # loss can be computed from the hidden states. Norms, MLPs and rotary of other models are still found
 # by what they compute.
@@ -223,6 +225,7 @@ class _Plan:
                                   "kernels not installed: hooked parts bound by torchfast instead")
         self.hooked: list[tuple[str, nn.Module, dict]] = []   # (name, kernelize target, hooks)
         self.bound: list[tuple[str, nn.Module, object]] = []  # (name, module, forward function)
+        self.fused_projections: set[str] = set()  # the Linears of the MLPs replaced (torchfast.ops.linear)
 
     def excluded(self, name: str, part: str, old: str) -> bool:
         if part in self.exclude:
@@ -285,6 +288,8 @@ class _Plan:
         if _same(m, forward, _rows(m, width)):
             new = {"conv1d": f"torchfast.bias_act({act!r})"}.get(kind, f"torchfast glu ({act}) + down_proj")
             self.replace(name, m, "mlp", None, forward, new)
+            self.fused_projections.update(f"{name}.{child}" for child in ("gate_proj", "up_proj", "gate_up_proj",
+                                                                          "down_proj"))
         else:
             self.left(name, "mlp", old, "its forward does not compute the gated (or plain) MLP torchfast has")
 
@@ -343,6 +348,23 @@ class _Plan:
         self.report.replaced.append(Patched(name, "rope", old, f"instance forward (module-level {_ROTARY})",
                                             "torchfast.rope"))
 
+    def linear(self, name: str, m: nn.Linear) -> None:
+        """A float32 CPU nn.Linear (attention projections, lm_head in eval, any other) through
+        torchfast.ops.linear: oneDNN's GEMMs where that is the faster library here. Offered under the
+        conditions of torchfast.optimize's "linear" rule (backend oneDNN, weight >= 256 x 256), since
+        elsewhere the forward would be F.linear again; the MLP projections patch fuses already call it."""
+        w = m.weight
+        if cpu_matmul_backend() != "onednn" or not isinstance(w, torch.Tensor):
+            return
+        if w.device.type != "cpu" or w.dtype != torch.float32 or w.numel() < MIN_LINEAR_WEIGHT:
+            return
+        if self.excluded(name, "linear", "nn.Linear"):
+            return
+        if any(p is not None and type(p) is not nn.Parameter for p in (m.weight, m.bias)):
+            self.left(name, "linear", "nn.Linear", "its weight is not a plain Parameter (quantized or wrapped)")
+            return
+        self.replace(name, m, "linear", None, _layers.linear_forward, "torchfast.ops.linear (oneDNN GEMMs)")
+
     def loss(self) -> None:
         model = self.model
         old = type(model).__name__
@@ -378,6 +400,8 @@ class _Plan:
                 self.mlp(name, m, "conv1d", m.act)
             elif cls.endswith("Attention"):
                 self.rotary(name, m)
+            if type(m) is nn.Linear and name not in self.fused_projections:
+                self.linear(name, m)
         self.loss()
 
 
@@ -395,6 +419,10 @@ def patch(model: nn.Module, *, exclude=()) -> PatchReport:
         `@use_kernelized_func`, and of attentions whose forward calls their module's function with no
         hook (Phi-3, partial rotary included): for those the instance gets a copy of the class's
         forward whose global `apply_rotary_pos_emb` is torchfast's;
+      - linear: the other float32 CPU nn.Linear layers with weights of at least 256 x 256 (attention
+        projections; lm_head when it runs, in eval) call torchfast.ops.linear, only where
+        `torchfast.ops.linear.cpu_matmul_backend()` is "onednn" (AMD CPUs: oneDNN's float32 GEMMs are
+        the faster ones there); their weights, hooks and state_dict stay as they are;
       - loss: in training mode with labels, the causal LM's loss is
         linear_cross_entropy(last hidden state, lm_head.weight, labels shifted by one, ignore -100,
         softcap=final_logit_softcapping) (divided by num_items_in_batch when given, as transformers'

@@ -18,6 +18,7 @@ from torch import nn
 from torchfast.nn._glu_down import glu_down, project
 from torchfast.ops.bias_act import bias_act
 from torchfast.ops.layer_norm import layer_norm
+from torchfast.ops.linear import linear
 from torchfast.ops.rms_norm import rms_norm
 from torchfast.ops.rope import rope
 
@@ -99,6 +100,12 @@ def packed_mlp_forward(act: str):
         return glu_down(gate, up, self.down_proj, act)
 
     return forward
+
+
+def linear_forward(self, input: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward by torchfast.ops.linear: F.linear's contract, with the float32 CPU GEMMs in
+    oneDNN where that is the faster library (under autocast, export or tracing it is F.linear)."""
+    return linear(input, self.weight, self.bias)
 
 
 def conv1d_mlp_forward(act: str):
