@@ -426,6 +426,47 @@ def test_without_the_kernels_package(monkeypatch):
     assert not ops.names
 
 
+def test_without_kernels_installed_the_rotary_goes_the_module_level_way():
+    """With kernels not importable at all, transformers' `use_kernelized_func` is a stub and Llama's
+    attention calls its module's apply_rotary_pos_emb directly: patch fuses it like Phi-3's (a copy of
+    the forward), and the loss matches. In a subprocess: transformers reads kernels' presence on import."""
+    import subprocess
+    import sys
+
+    code = """
+import copy, sys
+sys.modules["kernels"] = None  # not importable
+import torch, transformers
+import torchfast.transformers as tft
+from torch.utils._python_dispatch import TorchDispatchMode
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__(); self.counts = {}
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "torchfast":
+            self.counts[func._opname] = self.counts.get(func._opname, 0) + 1
+        return func(*args, **(kwargs or {}))
+config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+torch.manual_seed(0)
+ref = transformers.LlamaForCausalLM(config)
+model = copy.deepcopy(ref)
+report = tft.patch(model)
+hows = sorted({r.how for r in report.replaced if r.part == "rope"})
+ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+with Ops() as ops:
+    loss = model.train()(input_ids=ids, labels=ids).loss
+    loss.backward()
+want = ref.train()(input_ids=ids, labels=ids).loss
+print(hows, ops.counts.get("rope"), ops.counts.get("rope_backward"), abs(loss.item() - want.item()) < 1e-5)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == "['instance forward (module-level apply_rotary_pos_emb)'] 2 2 True", last
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match=r"torchfast.transformers.patch: argument 'model' must be"):
         tft.patch("meta-llama/Llama-2-7b-hf")
