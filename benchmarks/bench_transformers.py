@@ -27,6 +27,13 @@ eager and >= 1.0x transformers+compile under compile; peak growth <= 0.6x.
     python benchmarks/bench_transformers.py            # everything: about 20-30 min on 2 loaded cores
     python benchmarks/bench_transformers.py --no-compile --dtypes float32
     python benchmarks/bench_transformers.py --quick    # tiny model: a smoke test (what the tests run)
+    python benchmarks/bench_transformers.py --paired --dtypes float32 bfloat16
+
+--paired measures the eager speed ratios another way, for a machine whose load changes from minute to
+minute: the eager variants live in one process and take turns, one step each (rotated order), `--steps`
+turns; each turn gives one ratio per variant (transformers' step time in that turn / the variant's), and
+the table shows the median of those ratios. Drift that lasts longer than one turn then cancels out.
+(No memory column: that needs a process per variant.)
 """
 
 from __future__ import annotations
@@ -127,6 +134,62 @@ def child(spec: dict) -> dict:
     return out
 
 
+def paired_child(spec: dict) -> dict:
+    """All eager variants of one dtype in this process, stepping in turns (see --paired)."""
+    H.set_threads(1)
+    steps = {}
+    for variant in spec["variants"]:
+        steps[variant], _ = build({**spec, "variant": variant})
+        steps[variant]()  # AdamW's state, and the first-call costs
+        steps[variant]()
+    times: dict[str, list[float]] = {v: [] for v in spec["variants"]}
+    variants = list(spec["variants"])
+    for turn in range(spec["steps"]):
+        for variant in variants[turn % len(variants):] + variants[:turn % len(variants)]:
+            t = time.process_time()
+            steps[variant]()
+            times[variant].append(time.process_time() - t)
+    return paired_ratios(times)
+
+
+def paired_ratios(times: dict[str, list[float]]) -> dict:
+    """Per variant: its step times, their median, the ratio transformers' time / its time of every turn
+    (the i-th steps of all variants ran in the same turn), and the median of those ratios."""
+    base = times["transformers"]
+    out = {}
+    for variant, ts in times.items():
+        ratios = [b / t for b, t in zip(base, ts)]
+        out[variant] = {"cpu_s": ts, "cpu_median_s": statistics.median(ts), "ratios": ratios,
+                        "ratio_median": statistics.median(ratios)}
+    return out
+
+
+def paired(args, shape) -> int:
+    """--paired: the eager speed ratios from turns within one process per dtype."""
+    env = H.environment("cpu")
+    rows, out = [], {"environment": env, "shape": shape, "mode": "paired", "results": {}}
+    for dtype in args.dtypes:
+        spec = {"variants": list(VARIANTS), "dtype": dtype, "shape": shape, "steps": args.steps}
+        print(f"  {dtype}: {args.steps} turns of {', '.join(VARIANTS)} (load {H.load_average()})", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--paired-child", json.dumps(spec)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"paired {dtype} failed:\n{proc.stderr[-3000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        out["results"][dtype] = res
+        for v, r in res.items():
+            q = sorted(r["ratios"])
+            rows.append([dtype, v, f"{r['cpu_median_s']:.3f}", H.fmt_ratio(r["ratio_median"]),
+                         f"{H.fmt_ratio(q[len(q) // 4])}-{H.fmt_ratio(q[(3 * len(q)) // 4])}",
+                         "" if v not in TARGETS else ("PASS" if r["ratio_median"] >= TARGETS[v] else "FAIL")])
+    path = Path(args.json) if args.json else RESULTS_DIR / "bench_transformers_paired_cpu_1t.json"
+    H.write_json(path, out)
+    print(H.format_table(["dtype", "variant", "step CPU s", "speed (median of turns)", "quartiles", "target"],
+                         rows, "Llama training step (AdamW), eager, 1 thread, process CPU time, paired turns"))
+    print(f"results: {path}")
+    return 0
+
+
 def run_variant(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                           text=True, check=False)
@@ -177,7 +240,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
     p.add_argument("--quick", action="store_true", help="a tiny model, one timed step: a smoke test")
     p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/)")
+    p.add_argument("--paired", action="store_true",
+                   help="eager speed only: the variants take turns in one process (see above)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--paired-child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -186,7 +252,12 @@ def main(argv=None) -> int:
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    if args.paired_child is not None:
+        print(json.dumps(paired_child(json.loads(args.paired_child))))
+        return 0
     shape = QUICK if args.quick else FULL
+    if args.paired:
+        return paired(args, shape)
     steps = 1 if args.quick else args.steps
     variants = list(VARIANTS)
     if not args.no_compile and not args.quick:

@@ -51,6 +51,31 @@ def test_table_ratios_against_the_matching_baseline():
     assert rows["patch+compile"][7] == "0.25x"  # memory always against the eager unpatched model
 
 
+def test_paired_ratios_are_per_turn():
+    """--paired: the ratio of each turn is transformers' step of that turn over the variant's, and the
+    median is over turns, not the ratio of the medians (a slow turn slows all variants alike)."""
+    b = _bench()
+    r = b.paired_ratios({"transformers": [2.0, 4.0, 3.0], "patch": [1.0, 4.0, 2.0]})
+    assert r["patch"]["ratios"] == [2.0, 1.0, 1.5] and r["patch"]["ratio_median"] == 1.5
+    assert r["patch"]["cpu_median_s"] == 2.0 and r["transformers"]["ratio_median"] == 1.0
+    # where they differ: medians 3.0 / 3.5 = 0.86x, turns 2.0, 0.86, 1.25 -> 1.25x
+    r = b.paired_ratios({"transformers": [1.0, 3.0, 5.0], "patch": [0.5, 3.5, 4.0]})
+    assert r["patch"]["ratio_median"] == 1.25 and r["patch"]["cpu_median_s"] == 3.5
+
+
+def test_paired_quick_run_end_to_end(tmp_path):
+    out = tmp_path / "paired.json"
+    proc = subprocess.run([sys.executable, str(BENCH), "--paired", "--quick", "--steps", "2", "--dtypes",
+                           "float32", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]["float32"]
+    assert set(res) == {"transformers", "optimize", "patch"}
+    assert all(len(r["cpu_s"]) == 2 and len(r["ratios"]) == 2 for r in res.values())
+    assert res["transformers"]["ratios"] == [1.0, 1.0]
+    assert "paired turns" in proc.stdout
+
+
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     out = tmp_path / "bt.json"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import types
 
 import pytest
 import torch
@@ -47,8 +48,8 @@ def _config(family: str):
     if family == "gemma2":
         return transformers.Gemma2Config(**_COMMON, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
                                          final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
-    if family == "phi3":
-        return transformers.Phi3Config(**_COMMON)
+    if family == "phi3":  # partial rotary, as Phi-4-mini: 8 of each head's 16 dims rotated
+        return transformers.Phi3Config(**_COMMON, partial_rotary_factor=0.5)
     if family == "gpt2":
         return transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
@@ -60,14 +61,12 @@ _CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM",
             "gpt2": "GPT2LMHeadModel"}
 FAMILIES = list(_CLASSES)
-# What must be replaced per family: Phi-3's rotary has no kernel hook, GPT-2 has none (learned positions).
+# What must be replaced per family: GPT-2 has no rotary (learned positions).
 _PARTS = {f: {"rms_norm", "mlp", "rope", "loss"} for f in FAMILIES}
-_PARTS["phi3"] = {"rms_norm", "mlp", "loss"}
 _PARTS["gpt2"] = {"layer_norm", "mlp", "loss"}
 # torchfast ops that must run in a patched training step (aten ops are recorded by their packet name).
 _OPS = {f: {"rms_norm", "rope", "swiglu", "linear_cross_entropy"} for f in FAMILIES}
 _OPS["gemma2"] = {"rms_norm", "rope", "geglu", "linear_cross_entropy"}
-_OPS["phi3"] = {"rms_norm", "swiglu", "linear_cross_entropy"}
 _OPS["gpt2"] = {"layer_norm", "bias_act", "linear_cross_entropy"}
 
 
@@ -90,15 +89,17 @@ def _batch(seed: int = 1, batch: int = 2, tokens: int = 12):
 
 
 class _Ops(TorchDispatchMode):
-    """Records the torchfast ops that run (forward and backward)."""
+    """Records the torchfast ops that run (forward and backward), and how often each ran."""
 
     def __init__(self):
         super().__init__()
         self.names: set[str] = set()
+        self.counts: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "torchfast":
             self.names.add(func._opname)
+            self.counts[func._opname] = self.counts.get(func._opname, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
@@ -190,6 +191,108 @@ def test_second_instance_of_the_same_class_is_unaffected():
     out_ref, grads_ref = _step(ref, ids, labels)
     assert torch.equal(out.logits, out_ref.logits) and torch.equal(out.loss, out_ref.loss)
     assert all(torch.equal(g, grads_ref[n]) for n, g in grads.items())
+
+
+def test_phi3_module_level_rotary_fused_per_instance():
+    """Phi-3's attention calls its module's apply_rotary_pos_emb (no kernel hook): the patched instance
+    runs torchfast.rope once per layer forward and rope_backward once per layer backward, with partial
+    rotary; the module's function and the class are untouched, so an unpatched Phi-3 made afterwards
+    runs no torchfast op and computes bit for bit what a never-patched one does."""
+    from transformers.models.phi3 import modeling_phi3
+
+    original = modeling_phi3.apply_rotary_pos_emb
+    class_forward = modeling_phi3.Phi3Attention.forward
+    ref, model, report = _twins("phi3")
+    rows = [r for r in report.replaced if r.part == "rope"]
+    assert [r.name for r in rows] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert {r.how for r in rows} == {"instance forward (module-level apply_rotary_pos_emb)"}
+    assert modeling_phi3.apply_rotary_pos_emb is original
+    assert modeling_phi3.Phi3Attention.forward is class_forward
+    assert model.model.rotary_emb(torch.zeros(1), torch.arange(3)[None])[0].shape[-1] == 8  # 8 of 16 dims
+
+    ids, labels = _batch()
+    with _Ops() as ops:
+        out, grads = _step(model, ids, labels)
+    layers = model.config.num_hidden_layers
+    assert ops.counts.get("rope") == layers and ops.counts.get("rope_backward") == layers, ops.counts
+    out_ref, grads_ref = _step(ref, ids, labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    for name in ("model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.self_attn.qkv_proj.weight"):
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=_named(name))
+
+    other = copy.deepcopy(ref)  # a second, unpatched Phi-3 made after the patch
+    with _Ops() as ops:
+        out_other, grads_other = _step(other, ids, labels)
+    assert not ops.names, f"the unpatched Phi-3 ran torchfast ops: {ops.counts}"
+    assert torch.equal(out_other.logits, out_ref.logits) and torch.equal(out_other.loss, out_ref.loss)
+    assert all(torch.equal(g, grads_ref[n]) for n, g in grads_other.items())
+
+    tft.unpatch(model)
+    assert all("forward" not in layer.self_attn.__dict__ for layer in model.model.layers)
+    with torch.no_grad(), _Ops() as ops:
+        model.eval()(input_ids=ids)
+    assert not ops.names
+
+
+def test_attention_projections_run_torchfast_linear(monkeypatch):
+    """With oneDNN as the float32 GEMM library (forced here, the default on AMD CPUs), the attention
+    projections of a Llama wide enough for it (256 x 256 weights, 256 tokens: 2^24 multiply-adds per
+    call) run torchfast.ops.linear: one _onednn_linear per projection forward and one per input gradient
+    (the MLP's three through its fused forward). Loss and gradients match the unpatched model to float32
+    rounding, the state_dict is unchanged, unpatch and exclude="linear" take it away."""
+    monkeypatch.setenv("TORCHFAST_CPU_MATMUL", "onednn")
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(config)
+    model = copy.deepcopy(ref)
+    report = tft.patch(model)
+    linears = sorted(r.name for r in report.replaced if r.part == "linear")
+    attn = [f"model.layers.0.self_attn.{p}" for p in ("k_proj", "o_proj", "q_proj", "v_proj")]
+    # lm_head (VOCAB x 256) too; in training with labels the fused loss reads its weight instead.
+    assert linears == ["lm_head", *attn], str(report)
+    assert list(model.state_dict()) == list(ref.state_dict())
+    ids, labels = _batch(batch=2, tokens=128)
+    with _Ops() as ops:
+        out, grads = _step(model, ids, labels)
+    assert ops.counts.get("_onednn_linear") == 2 * (4 + 3), ops.counts
+    out_ref, grads_ref = _step(ref, ids, labels)
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-6, msg=_named(name))
+    with torch.no_grad(), _Ops() as ops:  # eval: lm_head builds the logits, through oneDNN too
+        logits = model.eval()(input_ids=ids).logits
+    assert ops.counts.get("_onednn_linear") == 4 + 3 + 1, ops.counts
+    torch.testing.assert_close(logits, ref.eval()(input_ids=ids).logits, rtol=1e-5, atol=2e-5)
+
+    tft.unpatch(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    report = tft.patch(model, exclude="linear")
+    assert "linear" not in report.parts() and ("linear", "excluded") in {(s.part, s.reason)
+                                                                          for s in report.left_alone}
+    with _Ops() as ops:
+        _step(model, ids, labels)
+    assert ops.counts.get("_onednn_linear") == 2 * 3, ops.counts  # the MLP's only
+
+
+def test_rebind_refuses_a_wrapper_it_cannot_copy():
+    """A decorator that does not keep the wrapped function in a closure cell cannot be rebuilt around the
+    copy: with_global says so (patch then reports the rotary as left) instead of dropping the wrapper."""
+    from torchfast.transformers import _rebind
+
+    def inner(x):
+        return apply_rotary_pos_emb(x)  # noqa: F821 (a global of this module's namespace)
+
+    def template(x):
+        return registry["f"](x) + 1  # noqa: F821 (a global of the wrapper's own namespace)
+
+    # A decorator from another module (its own globals) that looks its function up in a registry.
+    wrapper = types.FunctionType(template.__code__, {"registry": {"f": inner}})
+    wrapper.__wrapped__ = inner
+    with pytest.raises(_rebind.CannotRebind, match="cannot be copied"):
+        _rebind.with_global(wrapper, globals(), "apply_rotary_pos_emb", abs)
+    copied = _rebind.with_global(inner, globals(), "apply_rotary_pos_emb", abs)
+    assert copied(-3) == 3 and "apply_rotary_pos_emb" not in globals()
 
 
 def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
@@ -325,6 +428,47 @@ def test_without_the_kernels_package(monkeypatch):
     assert not ops.names
 
 
+def test_without_kernels_installed_the_rotary_goes_the_module_level_way():
+    """With kernels not importable at all, transformers' `use_kernelized_func` is a stub and Llama's
+    attention calls its module's apply_rotary_pos_emb directly: patch fuses it like Phi-3's (a copy of
+    the forward), and the loss matches. In a subprocess: transformers reads kernels' presence on import."""
+    import subprocess
+    import sys
+
+    code = """
+import copy, sys
+sys.modules["kernels"] = None  # not importable
+import torch, transformers
+import torchfast.transformers as tft
+from torch.utils._python_dispatch import TorchDispatchMode
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__(); self.counts = {}
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "torchfast":
+            self.counts[func._opname] = self.counts.get(func._opname, 0) + 1
+        return func(*args, **(kwargs or {}))
+config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+torch.manual_seed(0)
+ref = transformers.LlamaForCausalLM(config)
+model = copy.deepcopy(ref)
+report = tft.patch(model)
+hows = sorted({r.how for r in report.replaced if r.part == "rope"})
+ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+with Ops() as ops:
+    loss = model.train()(input_ids=ids, labels=ids).loss
+    loss.backward()
+want = ref.train()(input_ids=ids, labels=ids).loss
+print(hows, ops.counts.get("rope"), ops.counts.get("rope_backward"), abs(loss.item() - want.item()) < 1e-5)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == "['instance forward (module-level apply_rotary_pos_emb)'] 2 2 True", last
+
+
 def test_bad_arguments():
     with pytest.raises(TypeError, match=r"torchfast.transformers.patch: argument 'model' must be"):
         tft.patch("meta-llama/Llama-2-7b-hf")
@@ -388,9 +532,9 @@ def test_trainer_runs_the_patched_model(tmp_path):
     assert tft.is_patched(model)
 
 
-def _compiled_step_matches(backend: str):
+def _compiled_step_matches(backend: str, family: str = "llama"):
     torch._dynamo.reset()
-    ref, model, _ = _twins("llama")
+    ref, model, _ = _twins(family)
     ids, labels = _batch()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     out, grads = _step(compiled, ids, labels)
@@ -401,10 +545,12 @@ def _compiled_step_matches(backend: str):
                                    msg=_named(name))
 
 
-def test_torch_compile_fullgraph_aot_eager():
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_torch_compile_fullgraph_aot_eager(family):
     """The patched model traces as one graph (fullgraph=True: no break in the fused loss forward, the
-    kernelized layers or the bound forwards), forward and backward, with the unpatched eager results."""
-    _compiled_step_matches("aot_eager")
+    kernelized layers, the bound forwards or Phi-3's copied attention forward), forward and backward,
+    with the unpatched eager results."""
+    _compiled_step_matches("aot_eager", family)
 
 
 @pytest.mark.slow

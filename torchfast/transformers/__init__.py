@@ -9,8 +9,10 @@ swapping (`@use_kernel_forward_from_hub("RMSNorm")` norms, `@use_kernelized_func
 attentions) are swapped by the `kernels` package's `kernelize` with a layer mapping whose repositories
 are torchfast's own local layers (torchfast/transformers/_layers.py). The parts it has no hook for (the
 MLPs, Gemma's `1 + weight` RMSNorm, nn.LayerNorm, the loss) get a forward bound to the module instance,
-exactly as kernelize binds its layers. No class and no module-level function is changed: a second model
-of the same class computes as before. docs/transformers.md says which part goes which way and why.
+exactly as kernelize binds its layers; an attention that calls its module's `apply_rotary_pos_emb`
+without a hook (Phi-3) gets a copy of its class's forward that sees torchfast's function under that
+name (_rebind.py). No class and no module-level function is changed: a second model of the same class
+computes as before. docs/transformers.md says which part goes which way and why.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchfast._optimize._rules import MIN_LINEAR_WEIGHT
+from torchfast.ops.linear import cpu_matmul_backend
 from torchfast.ops.rope import rope_cache
-from torchfast.transformers import _layers
+from torchfast.transformers import _layers, _rebind
 from torchfast.transformers._loss import causal_lm_forward
 from torchfast.transformers._report import LeftAsIs, Patched, PatchReport
 
 __all__ = ["PARTS", "SUPPORTED", "LeftAsIs", "PatchReport", "Patched", "is_patched", "patch", "unpatch"]
 
-PARTS = ("rms_norm", "layer_norm", "mlp", "rope", "loss")
+PARTS = ("rms_norm", "layer_norm", "mlp", "rope", "linear", "loss")
 # Causal LMs whose forward torchfast knows (base model -> lm_head -> [softcap] -> ForCausalLMLoss), so the
 # loss can be computed from the hidden states. Norms, MLPs and rotary of other models are still found
 # by what they compute.
@@ -153,6 +157,56 @@ def _activation(act: nn.Module, device, dtype) -> str | None:
     return None
 
 
+_ROTARY = "apply_rotary_pos_emb"
+
+
+def _code_names(fn) -> tuple[str, ...]:
+    """The global names the function's own code uses (under functools.wraps decorators)."""
+    names: tuple[str, ...] = ()
+    while fn is not None:
+        code = getattr(fn, "__code__", None)
+        names += code.co_names if code is not None else ()
+        fn = getattr(fn, "__wrapped__", None)
+    return names
+
+
+def _head_dim(m: nn.Module) -> int | None:
+    head = getattr(m, "head_dim", None)
+    return head if isinstance(head, int) and head > 0 and head % 2 == 0 else None
+
+
+def _rotary_width(m: nn.Module, head: int) -> int:
+    """The rotated width of each head: head_dim * partial_rotary_factor (transformers keeps the factor
+    in config.rope_parameters, older configs as an attribute), rounded down to even."""
+    config = getattr(m, "config", None)
+    params = getattr(config, "rope_parameters", None)
+    factor = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    if factor is None:
+        factor = getattr(config, "partial_rotary_factor", 1.0)
+    width = int(head * float(factor)) // 2 * 2
+    return width if 0 < width <= head else head
+
+
+def _rope_matches(func, m: nn.Module, widths) -> bool:
+    """Whether func(q, k, cos, sin) equals torchfast.rope on GQA-shaped random q, k for each rotary width
+    (cos/sin narrower than the head: partial rotary). A function that fails on such input does not match."""
+    p = _param(m)
+    head = max(widths)
+    g = _gen()
+    q = torch.randn(1, 2, 5, head, generator=g).to(p.device, p.dtype)
+    k = torch.randn(1, 1, 5, head, generator=g).to(p.device, p.dtype)
+    for width in widths:
+        cos, sin = (t.to(p.device, p.dtype) for t in rope_cache(torch.arange(5)[None], width))
+        try:
+            with torch.no_grad():
+                want, got = func(q, k, cos, sin), _layers.apply_rotary_pos_emb(q, k, cos, sin)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return False
+        if not all(_close(w, h) for w, h in zip(want, got)):
+            return False
+    return True
+
+
 # ---- finding the parts ------------------------------------------------------------------------------
 
 def _has(m: nn.Module, kind, *names: str) -> bool:
@@ -171,6 +225,7 @@ class _Plan:
                                   "kernels not installed: hooked parts bound by torchfast instead")
         self.hooked: list[tuple[str, nn.Module, dict]] = []   # (name, kernelize target, hooks)
         self.bound: list[tuple[str, nn.Module, object]] = []  # (name, module, forward function)
+        self.fused_projections: set[str] = set()  # the Linears of the MLPs replaced (torchfast.ops.linear)
 
     def excluded(self, name: str, part: str, old: str) -> bool:
         if part in self.exclude:
@@ -233,6 +288,8 @@ class _Plan:
         if _same(m, forward, _rows(m, width)):
             new = {"conv1d": f"torchfast.bias_act({act!r})"}.get(kind, f"torchfast glu ({act}) + down_proj")
             self.replace(name, m, "mlp", None, forward, new)
+            self.fused_projections.update(f"{name}.{child}" for child in ("gate_proj", "up_proj", "gate_up_proj",
+                                                                          "down_proj"))
         else:
             self.left(name, "mlp", old, "its forward does not compute the gated (or plain) MLP torchfast has")
 
@@ -241,28 +298,16 @@ class _Plan:
         funcs = {k: f for k, f in getattr(m, "_kernel_funcs", {}).items()
                  if getattr(type(f), "kernel_layer_name", None) == "rotary_pos_emb"}
         if not funcs:
-            if hasattr(sys.modules.get(type(m).__module__), "apply_rotary_pos_emb"):
-                reason = ("transformers has no kernel hook here (no @use_kernelized_func on the attention; "
-                          "torchfast does not patch module-level functions)")
-                if self.kernels is None:
-                    reason = "kernels is not installed, so transformers' rotary hook is inactive"
-                self.left(name, "rope", old, reason)
+            self.module_level_rotary(name, m)
             return
         if self.excluded(name, "rope", old):
             return
-        head = getattr(m, "head_dim", None)
-        if not isinstance(head, int) or head % 2:
-            self.left(name, "rope", old, f"head_dim {head!r} is not an even int")
+        head = _head_dim(m)
+        if head is None:
+            self.left(name, "rope", old, f"head_dim {getattr(m, 'head_dim', None)!r} is not an even int")
             return
-        p = _param(m)
-        g = _gen()
-        q = torch.randn(1, 2, 5, head, generator=g).to(p.device, p.dtype)
-        k = torch.randn(1, 1, 5, head, generator=g).to(p.device, p.dtype)
-        cos, sin = (t.to(p.device, p.dtype) for t in rope_cache(torch.arange(5)[None], head))
         for key, func in funcs.items():
-            with torch.no_grad():
-                want, got = func(q, k, cos, sin), _layers.RotaryLayer.forward(None, q, k, cos, sin)
-            if not all(_close(w, h) for w, h in zip(want, got)):
+            if not _rope_matches(func, m, (head,)):
                 self.left(name, "rope", old, f"{key} does not compute transformers' rotate-half rotation")
                 continue
             if self.kernels is not None:
@@ -272,6 +317,53 @@ class _Plan:
                 self.bound.append((name, func, _layers.RotaryLayer.forward))
                 how = "instance forward"
             self.report.replaced.append(Patched(name, "rope", old, how, "torchfast.rope"))
+
+    def module_level_rotary(self, name: str, m: nn.Module) -> None:
+        """An attention whose forward calls its module's `apply_rotary_pos_emb` directly (no kernel hook:
+        Phi-3): its instance gets a copy of the class's forward that sees torchfast's function under that
+        name (torchfast/transformers/_rebind.py says why this way)."""
+        old = type(m).__name__
+        cls_forward = type(m).forward
+        namespace = getattr(sys.modules.get(type(m).__module__), "__dict__", {})
+        original = namespace.get(_ROTARY)
+        if not callable(original) or _ROTARY not in _code_names(cls_forward):
+            return  # no rotary here (GPT-2's attention, a bidirectional encoder's...)
+        if self.excluded(name, "rope", old):
+            return
+        head = _head_dim(m)
+        if head is None:
+            self.left(name, "rope", old, f"head_dim {getattr(m, 'head_dim', None)!r} is not an even int")
+            return
+        widths = {head, _rotary_width(m, head)}
+        if not _rope_matches(original, m, sorted(widths)):
+            self.left(name, "rope", old, f"its module's {_ROTARY} does not compute the rotate-half rotation "
+                                         f"(rotary widths {sorted(widths)})")
+            return
+        try:
+            forward = _rebind.with_global(cls_forward, namespace, _ROTARY, _layers.apply_rotary_pos_emb)
+        except _rebind.CannotRebind as e:
+            self.left(name, "rope", old, f"no kernel hook, and its forward cannot be copied: {e}")
+            return
+        self.bound.append((name, m, forward))
+        self.report.replaced.append(Patched(name, "rope", old, f"instance forward (module-level {_ROTARY})",
+                                            "torchfast.rope"))
+
+    def linear(self, name: str, m: nn.Linear) -> None:
+        """A float32 CPU nn.Linear (attention projections, lm_head in eval, any other) through
+        torchfast.ops.linear: oneDNN's GEMMs where that is the faster library here. Offered under the
+        conditions of torchfast.optimize's "linear" rule (backend oneDNN, weight >= 256 x 256), since
+        elsewhere the forward would be F.linear again; the MLP projections patch fuses already call it."""
+        w = m.weight
+        if cpu_matmul_backend() != "onednn" or not isinstance(w, torch.Tensor):
+            return
+        if w.device.type != "cpu" or w.dtype != torch.float32 or w.numel() < MIN_LINEAR_WEIGHT:
+            return
+        if self.excluded(name, "linear", "nn.Linear"):
+            return
+        if any(p is not None and type(p) is not nn.Parameter for p in (m.weight, m.bias)):
+            self.left(name, "linear", "nn.Linear", "its weight is not a plain Parameter (quantized or wrapped)")
+            return
+        self.replace(name, m, "linear", None, _layers.linear_forward, "torchfast.ops.linear (oneDNN GEMMs)")
 
     def loss(self) -> None:
         model = self.model
@@ -308,6 +400,8 @@ class _Plan:
                 self.mlp(name, m, "conv1d", m.act)
             elif cls.endswith("Attention"):
                 self.rotary(name, m)
+            if type(m) is nn.Linear and name not in self.fused_projections:
+                self.linear(name, m)
         self.loss()
 
 
@@ -322,7 +416,13 @@ def patch(model: nn.Module, *, exclude=()) -> PatchReport:
       - mlp: down_proj(act(gate_proj(x)) * up_proj(x)) with act swish, gelu or gelu tanh (Llama,
         Mistral, Qwen2/3, Gemma 2), Phi-3's packed gate_up_proj, GPT-2's c_fc -> act -> c_proj;
       - rope: `apply_rotary_pos_emb(q, k, cos, sin)` of attentions transformers marks with
-        `@use_kernelized_func` (not Phi-3's, which has no hook);
+        `@use_kernelized_func`, and of attentions whose forward calls their module's function with no
+        hook (Phi-3, partial rotary included): for those the instance gets a copy of the class's
+        forward whose global `apply_rotary_pos_emb` is torchfast's;
+      - linear: the other float32 CPU nn.Linear layers with weights of at least 256 x 256 (attention
+        projections; lm_head when it runs, in eval) call torchfast.ops.linear, only where
+        `torchfast.ops.linear.cpu_matmul_backend()` is "onednn" (AMD CPUs: oneDNN's float32 GEMMs are
+        the faster ones there); their weights, hooks and state_dict stay as they are;
       - loss: in training mode with labels, the causal LM's loss is
         linear_cross_entropy(last hidden state, lm_head.weight, labels shifted by one, ignore -100,
         softcap=final_logit_softcapping) (divided by num_items_in_batch when given, as transformers'

@@ -18,6 +18,7 @@ from torch import nn
 from torchfast.nn._glu_down import glu_down, project
 from torchfast.ops.bias_act import bias_act
 from torchfast.ops.layer_norm import layer_norm
+from torchfast.ops.linear import linear
 from torchfast.ops.rms_norm import rms_norm
 from torchfast.ops.rope import rope
 
@@ -61,6 +62,14 @@ class RotaryLayer(nn.Module):
         return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
 
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' module-level `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` by
+    torchfast.rope, for the attentions that call it without a kernel hook (Phi-3): what
+    `RotaryLayer.forward` computes, partial rotary included (cos/sin narrower than the head: the rest
+    of the head passes through, as Phi-3's own function does)."""
+    return rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+
 def offset_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
     """Gemma's RMSNorm: y = (x / sqrt(mean(x^2) + eps)) * (1 + weight), in float32, returned in x's
     dtype. `1 + weight` is a [hidden] tensor built per call; its gradient flows to weight."""
@@ -91,6 +100,12 @@ def packed_mlp_forward(act: str):
         return glu_down(gate, up, self.down_proj, act)
 
     return forward
+
+
+def linear_forward(self, input: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's forward by torchfast.ops.linear: F.linear's contract, with the float32 CPU GEMMs in
+    oneDNN where that is the faster library (under autocast, export or tracing it is F.linear)."""
+    return linear(input, self.weight, self.bias)
 
 
 def conv1d_mlp_forward(act: str):

@@ -12,7 +12,9 @@ from torchfast._optimize._report import _columns
 @dataclass(frozen=True)
 class Patched:
     """One module whose forward now runs torchfast: `how` is "kernels.kernelize (hook 'RMSNorm')" for
-    the parts transformers' kernel hooks cover, "instance forward" for those torchfast binds itself."""
+    the parts transformers' kernel hooks cover, "instance forward" for those torchfast binds itself
+    ("instance forward (module-level apply_rotary_pos_emb)": a copy of the class's forward that calls
+    torchfast's rotary, bound to the instance)."""
 
     name: str
     part: str
