@@ -5,8 +5,9 @@
 //
 // The bias arrives already widened to the compute type (float, or double for float64): it is one row,
 // so converting it once costs nothing and each step loads it without a conversion. bf16/fp16 data are
-// widened to fp32 per vector (on AVX2, bias-free calls: per block, see kStageBlocks) and rounded once
-// on store. The bias gradient is summed in the compute type from the unrounded dx, in per-task partial
+// widened to fp32 per vector and rounded once on store. On AVX2: swish runs its exponential in a pass
+// of its own (with_split_blocks, rowmap.h), relu has loops of its own (relu_fwd_bf16_unpacked,
+// relu_bwd_masked), and gelu / gelu_tanh without a bias go through float blocks (kStageBlocks). The bias gradient is summed in the compute type from the unrounded dx, in per-task partial
 // rows that are added up at the end: no atomics, and the same result on every run with the same
 // thread count.
 #include <torchfast/activations.h>
@@ -45,7 +46,8 @@ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // gelu 8-15% and relu 20-40% slower), and relu, whose arithmetic is one max, gains nothing from the
 // shorter loops either. So only bias-free, non-relu calls take the blocks. Also tried: with a bias,
 // adding it to the staged block in a loop of its own before the activation loop (bit-equal results):
-// 0-10% slower than the one-step loop for swish, gelu and gelu_tanh, so not kept.
+// 0-10% slower than the one-step loop for swish, gelu and gelu_tanh, so not kept. (Swish, with or
+// without a bias, now takes with_split_blocks instead: kSplitExp.)
 template <typename A, typename HasBias>
 inline constexpr bool kStageBlocks = !HasBias::value && !std::is_same_v<A, Relu>;
 
@@ -75,8 +77,8 @@ inline __m256i bf16_bits(__m256 v) {
 // Widens by interleaving with zeros (unpacklo/hi_epi16: v_lo holds elements 0-3 and 8-11, v_hi 4-7
 // and 12-15) instead of at::vec's extract + zero-extend + shift, loads the float bias in that order,
 // and packs the rounded halves back with packus_epi32, which restores the natural order without
-// at::vec's cross-lane permute: 5 fewer instructions per 16 elements, in a loop of about 30. The
-// values and their rounding are those of the general loop.
+// at::vec's cross-lane permute. The values and their rounding are those of the general loop; bf16
+// 64x4096 with a bias, one AVX2 core: 0.25 -> 0.22 ns per element (without a bias 0.21 -> 0.16).
 template <typename HasBias>
 int64_t relu_fwd_bf16_unpacked(const c10::BFloat16* x, const float* bias, c10::BFloat16* y, int64_t len) {
   const __m256i zero = _mm256_setzero_si256();
@@ -100,7 +102,8 @@ int64_t relu_fwd_bf16_unpacked(const c10::BFloat16* x, const float* bias, c10::B
 // relu's backward on AVX2 for bf16/fp16: dx = dy where !(x + b <= 0), else 0. dy is already in T, so
 // dx is dy's own bits under a mask; only x is widened (for the comparison) and dx for the bias
 // gradient. The general loop widens dy, blends in float and rounds it back: the same values (the
-// rounding of a widened T is exact), but the emulated rounding was a third of the loop's instructions.
+// rounding of a widened T is exact), but the emulated rounding was a third of the loop's instructions
+// (bf16 64x4096 with a bias, dx and db, one AVX2 core: 0.32 -> 0.25 ns per element).
 // (A NaN in dy keeps its payload here; the rounding turned it into 0xffff. Both are NaN.)
 template <typename HasBias, typename T, typename C>
 void relu_bwd_masked(const T* g, const T* x, const C* bias, T* dx, C* acc, int64_t len) {

@@ -5,7 +5,8 @@
 //
 // act is swish (swiglu), gelu or gelu_tanh (geglu). The backward recomputes act(gate) and act'(gate)
 // from the saved inputs in the same pass, so autograd keeps no intermediate. bf16/fp16 are widened to
-// fp32 (per vector; on AVX2 per block, see with_float_blocks) and rounded once on store. Operands are
+// fp32 (per vector; on AVX2 per block, see with_float_blocks, and for swiglu with_split_blocks) and
+// rounded once on store. Operands are
 // row views (row_ptr.h), so the two halves of a packed [..., 2H] tensor are read and written in place.
 #include <torchfast/activations.h>
 #include <torchfast/rowmap.h>

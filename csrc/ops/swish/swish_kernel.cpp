@@ -3,8 +3,8 @@
 //   forward:  y  = x * sigmoid(x) = x / (1 + exp(-x))
 //   backward: dx = dy * s * (1 + x * (1 - s)),  s = sigmoid(x)
 //
-// bf16/fp16 are widened to fp32 (per vector; on AVX2 per block of 512, see with_float_blocks),
-// computed, and rounded once on store.
+// bf16/fp16 are widened to fp32 (per vector; on AVX2 per block of 512, see with_float_blocks, and in
+// the backward with_split_blocks), computed, and rounded once on store.
 #include <torchfast/activations.h>
 #include <torchfast/rowmap.h>
 
