@@ -40,6 +40,7 @@ void dispatch(c10::ScalarType dtype, int act, bool has_bias, const Fn& fn) {
 
 int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+
 // Whether the AVX2 kernels stage bf16/fp16 through float blocks (with_float_blocks). Measured per op
 // on one AVX2 core (bf16 2048x4096, process CPU time, min of 15 blocks, against the one-step loop):
 // without a bias, swish backward 16% and gelu forward 6% faster; with a bias, no gain (swish a tie,
@@ -51,14 +52,18 @@ int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename A, typename HasBias>
 inline constexpr bool kStageBlocks = !HasBias::value && !std::is_same_v<A, Relu>;
 
-// v = x[i, i + n) widened, plus bias[i, i + n) (compute type) when there is one.
-template <typename HasBias, typename T, typename C, typename V, int kN>
-inline void load_biased(const T* x, const C* bias, int64_t i, int64_t n, V (&v)[kN]) {
+// v = x[i, i + n) widened, plus bias[i, i + n) (compute type, or T) when there is one.
+template <typename HasBias, typename T, typename B, typename V, int kN>
+inline void load_biased(const T* x, const B* bias, int64_t i, int64_t n, V (&v)[kN]) {
   using L = MapLanes<T>;
   L::load(x + i, n, v);
   if constexpr (HasBias::value) {
     V b[kN];
-    L::load_c(bias + i, n, b);
+    if constexpr (std::is_same_v<B, T>) {
+      L::load(bias + i, n, b);
+    } else {
+      L::load_c(bias + i, n, b);
+    }
     for (int k = 0; k < kN; ++k) v[k] = v[k] + b[k];
   }
 }
@@ -80,7 +85,8 @@ inline __m256i bf16_bits(__m256 v) {
 // at::vec's cross-lane permute. The values and their rounding are those of the general loop; bf16
 // 64x4096 with a bias, one AVX2 core: 0.25 -> 0.22 ns per element (without a bias 0.21 -> 0.16).
 template <typename HasBias>
-int64_t relu_fwd_bf16_unpacked(const c10::BFloat16* x, const float* bias, c10::BFloat16* y, int64_t len) {
+int64_t relu_fwd_bf16_unpacked(const c10::BFloat16* x, const c10::BFloat16* bias, c10::BFloat16* y,
+                               int64_t len) {
   const __m256i zero = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
@@ -88,8 +94,9 @@ int64_t relu_fwd_bf16_unpacked(const c10::BFloat16* x, const float* bias, c10::B
     __m256 lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
     __m256 hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
     if constexpr (HasBias::value) {
-      lo = _mm256_add_ps(lo, _mm256_loadu2_m128(bias + i + 8, bias + i));
-      hi = _mm256_add_ps(hi, _mm256_loadu2_m128(bias + i + 12, bias + i + 4));
+      const __m256i braw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + i));
+      lo = _mm256_add_ps(lo, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, braw)));
+      hi = _mm256_add_ps(hi, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, braw)));
     }
     // Relu::fwd: 0 where v <= 0 (NaN kept)
     lo = _mm256_andnot_ps(_mm256_cmp_ps(lo, _mm256_setzero_ps(), _CMP_LE_OQ), lo);
@@ -106,7 +113,7 @@ int64_t relu_fwd_bf16_unpacked(const c10::BFloat16* x, const float* bias, c10::B
 // (bf16 64x4096 with a bias, dx and db, one AVX2 core: 0.32 -> 0.25 ns per element).
 // (A NaN in dy keeps its payload here; the rounding turned it into 0xffff. Both are NaN.)
 template <typename HasBias, typename T, typename C>
-void relu_bwd_masked(const T* g, const T* x, const C* bias, T* dx, C* acc, int64_t len) {
+void relu_bwd_masked(const T* g, const T* x, const T* bias, T* dx, C* acc, int64_t len) {
   using L = MapLanes<T>;
   using V = typename L::V;
   using R = Vectorized<T>;
@@ -143,12 +150,21 @@ void bias_act_fwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, Ro
     using C = typename L::C;
     using V = typename L::V;
     const C* bias_c = static_cast<const C*>(bias);
+#if defined(CPU_CAPABILITY_AVX2)
+    // relu_fwd_bf16_unpacked reads the bias as bf16 again: it was widened from x's dtype (bias_act.h
+    // checks that they match), so rounding it back is exact.
+    std::vector<c10::BFloat16> bias_bf16;
+    if constexpr (std::is_same_v<A, Relu> && std::is_same_v<T, c10::BFloat16> && decltype(has_bias)::value) {
+      bias_bf16.assign(bias_c, bias_c + cols);
+    }
+#endif
     parallel_rows(rows, cols, [&](int64_t r, int64_t c0, int64_t len) {
 #if defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<A, Relu> && std::is_same_v<T, c10::BFloat16>) {
         // whole steps of 16 here; the rest (< 16 elements) by the general loop below
         const int64_t done = relu_fwd_bf16_unpacked<decltype(has_bias)>(
-            row<T>(x, r) + c0, decltype(has_bias)::value ? bias_c + c0 : nullptr, row<T>(y, r) + c0, len);
+            row<T>(x, r) + c0, decltype(has_bias)::value ? bias_bf16.data() + c0 : nullptr, row<T>(y, r) + c0,
+            len);
         c0 += done;
         len -= done;
       }
@@ -201,12 +217,22 @@ void bias_act_bwd(c10::ScalarType dtype, int act, int64_t rows, int64_t cols, Ro
     using V = typename L::V;
     const C* bias_c = static_cast<const C*>(bias);
 
+#if defined(CPU_CAPABILITY_AVX2)
+    // relu_bwd_masked reads the bias in T again (exact: it was widened from x's dtype, which bias_act.h
+    // checks it has): half the bytes of the float row. At 4096 columns and more, with the float bias
+    // and partial-sum rows, a row's operands outgrew L1: bf16, one AVX2 core, 0.23 ns per element at
+    // 1024 columns against 0.45 at 4096.
+    std::vector<T> bias_t;
+    if constexpr (std::is_same_v<A, Relu> && uses_float_blocks_v<T> && decltype(has_bias)::value) {
+      bias_t.assign(bias_c, bias_c + cols);
+    }
+#endif
     // dx for columns [c0, c0 + len) of row r; adds it to acc[c0 ...] when acc is given.
     auto segment = [&](int64_t r, int64_t c0, int64_t len, C* acc) {
 #if defined(CPU_CAPABILITY_AVX2)
       if constexpr (std::is_same_v<A, Relu> && uses_float_blocks_v<T>) {
         relu_bwd_masked<decltype(has_bias)>(row<T>(grad_out, r) + c0, row<T>(x, r) + c0,
-                                            decltype(has_bias)::value ? bias_c + c0 : nullptr,
+                                            decltype(has_bias)::value ? bias_t.data() + c0 : nullptr,
                                             row<T>(grad_in, r) + c0, acc != nullptr ? acc + c0 : nullptr, len);
         return;
       }
