@@ -42,19 +42,34 @@ struct Identity {
 
 // swish(x) = x * s, s = sigmoid(x);  swish'(x) = s * (1 + x * (1 - s)).  T is the storage type, which
 // picks exp_neg's accuracy (elementwise.h).
+// The exponential e = exp(-x) is split out (pre, then the *_from functions), so that the AVX2 block
+// loops can run it in a pass of its own (with_split_blocks, rowmap.h); every ISA computes the same
+// expressions through them.
 template <typename T>
 struct Swish {
   template <typename V>
+  static V pre(const V& x) {
+    return exp_neg<T>(x);
+  }
+  template <typename V>
+  static V fwd_from(const V& x, const V& e) {
+    return x / (V(1) + e);
+  }
+  template <typename V>
+  static void fwd_deriv_from(const V& x, const V& e, V& y, V& d) {
+    const V one(1);
+    V s = one / (one + e);
+    y = x * s;
+    d = s * (one + x * (one - s));
+  }
+  template <typename V>
   static V fwd(const V& x) {
-    return x / (V(1) + exp_neg<T>(x));
+    return fwd_from(x, pre(x));
   }
   // y = act(x) and d = act'(x) together, sharing the exponential.
   template <typename V>
   static void fwd_deriv(const V& x, V& y, V& d) {
-    const V one(1);
-    V s = one / (one + exp_neg<T>(x));
-    y = x * s;
-    d = s * (one + x * (one - s));
+    fwd_deriv_from(x, pre(x), y, d);
   }
   template <typename V>
   static V bwd(const V& g, const V& x) {
@@ -176,6 +191,14 @@ struct GeluTanh {
     return g * d;
   }
 };
+
+// Whether A splits its exponential out (pre / *_from) and T's kernels run it in a pass of its own.
+template <typename A>
+struct has_split_exp : std::false_type {};
+template <typename T>
+struct has_split_exp<Swish<T>> : std::true_type {};
+template <typename T, typename A>
+inline constexpr bool kSplitExp = uses_float_blocks_v<T> && has_split_exp<A>::value;
 
 template <typename T>
 using Gelu = GeluErf<at::vec::is_reduced_floating_point_v<T>, std::is_same_v<T, c10::BFloat16>>;

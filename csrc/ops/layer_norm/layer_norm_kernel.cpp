@@ -23,23 +23,45 @@ namespace {
 
 // mean(x), summed as shift + sum(x - shift) / n with shift = x[0]: for a row with a large mean the
 // partial sums then stay at the size of the deviations instead of n * mean, whose rounding would
-// otherwise dominate the error of x - mean.
+// otherwise dominate the error of x - mean. keep (optional) receives x widened to acc_t<T>, for the
+// passes after this one.
+// Both statistics loops keep four independent accumulators (two steps of L::K elements per
+// iteration), so that an iteration need not wait for the previous one's add / FMA; it took about 3%
+// off the AVX2 bf16 forward (64x4096), a small part of what keeping the widened row did.
 template <typename T>
-acc_t<T> row_mean(const T* x, int64_t n) {
+acc_t<T> row_mean(const T* x, int64_t n, acc_t<T>* keep = nullptr) {
   using L = Lanes<T>;
   using V = typename L::V;
   const acc_t<T> shift = to_acc(x[0]);
   const V sv(shift);
-  V s0(0), s1(0);
+  V s0(0), s1(0), s2(0), s3(0);
   int64_t j = 0;
-  for (; j + L::K <= n; j += L::K) {
-    V a, b;
+  for (; j + 2 * L::K <= n; j += 2 * L::K) {
+    V a, b, c, d;
     L::load(x + j, a, b);
+    L::load(x + j + L::K, c, d);
+    if (keep != nullptr) {
+      Lanes<acc_t<T>>::store(keep + j, a, b);
+      Lanes<acc_t<T>>::store(keep + j + L::K, c, d);
+    }
     s0 = s0 + (a - sv);
     s1 = s1 + (b - sv);
+    s2 = s2 + (c - sv);
+    s3 = s3 + (d - sv);
   }
-  acc_t<T> s = hsum(s0 + s1);
-  for (; j < n; ++j) s += to_acc(x[j]) - shift;
+  if (j + L::K <= n) {
+    V a, b;
+    L::load(x + j, a, b);
+    if (keep != nullptr) Lanes<acc_t<T>>::store(keep + j, a, b);
+    s0 = s0 + (a - sv);
+    s1 = s1 + (b - sv);
+    j += L::K;
+  }
+  acc_t<T> s = hsum((s0 + s2) + (s1 + s3));
+  for (; j < n; ++j) {
+    if (keep != nullptr) keep[j] = to_acc(x[j]);
+    s += to_acc(x[j]) - shift;
+  }
   return shift + s / static_cast<acc_t<T>>(n);
 }
 
@@ -48,17 +70,31 @@ acc_t<T> row_centered_sumsq(const T* x, acc_t<T> mean, int64_t n) {
   using L = Lanes<T>;
   using V = typename L::V;
   const V mv(mean);
-  V s0(0), s1(0);
+  V s0(0), s1(0), s2(0), s3(0);
   int64_t j = 0;
-  for (; j + L::K <= n; j += L::K) {
+  for (; j + 2 * L::K <= n; j += 2 * L::K) {
+    V a, b, c, d;
+    L::load(x + j, a, b);
+    L::load(x + j + L::K, c, d);
+    a = a - mv;
+    b = b - mv;
+    c = c - mv;
+    d = d - mv;
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+    s2 = at::vec::fmadd(c, c, s2);
+    s3 = at::vec::fmadd(d, d, s3);
+  }
+  if (j + L::K <= n) {
     V a, b;
     L::load(x + j, a, b);
     a = a - mv;
     b = b - mv;
     s0 = at::vec::fmadd(a, a, s0);
     s1 = at::vec::fmadd(b, b, s1);
+    j += L::K;
   }
-  acc_t<T> s = hsum(s0 + s1);
+  acc_t<T> s = hsum((s0 + s2) + (s1 + s3));
   for (; j < n; ++j) {
     const acc_t<T> v = to_acc(x[j]) - mean;
     s += v * v;
@@ -66,17 +102,18 @@ acc_t<T> row_centered_sumsq(const T* x, acc_t<T> mean, int64_t n) {
   return s;
 }
 
-// y = (x - mean) * r * w + b (w, b may be null).
-template <typename T, typename W>
-void row_normalize(const T* x, const W* w, const W* bias, acc_t<T> mean, acc_t<T> r, T* y, int64_t n) {
+// y = (x - mean) * r * w + b (w, b may be null). x is T, or T widened (X = acc_t<T>).
+template <typename T, typename W, typename X>
+void row_normalize(const X* x, const W* w, const W* bias, acc_t<T> mean, acc_t<T> r, T* y, int64_t n) {
   using L = Lanes<T>;
   using V = typename L::V;
   using A = acc_t<T>;
+  static_assert(Lanes<X>::K == L::K, "x and y steps must match");
   const V rv(r), mv(mean);
   int64_t j = 0;
   for (; j + L::K <= n; j += L::K) {
     V a, b;
-    L::load(x + j, a, b);
+    Lanes<X>::load(x + j, a, b);
     a = (a - mv) * rv;
     b = (b - mv) * rv;
     if (w != nullptr) {
@@ -211,14 +248,29 @@ void layer_norm_fwd(c10::ScalarType x_dtype, c10::ScalarType w_dtype, const void
     A* mp = static_cast<A*>(mean);
     A* rs = static_cast<A*>(rstd);
     at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      std::vector<A> widened(uses_float_blocks_v<T> ? n : 0);
       for (int64_t i = begin; i < end; ++i) {
         const T* row = xp + i * n;
+        if constexpr (uses_float_blocks_v<T>) {
+          // AVX2 bf16/fp16: the first pass keeps the row widened (in L1/L2, like the row itself) and
+          // the other two read it: the same values and sums, without widening twice more. With the
+          // four accumulators above, bf16 forward, 64x4096, one AVX2 core (the AVX2 build forced on
+          // a Zen 4): 0.365 -> 0.30 ns per element, against 0.35 for F.layer_norm.
+          A* xf = widened.data();
+          const A m = row_mean(row, n, xf);
+          const A var = row_centered_sumsq(static_cast<const A*>(xf), m, n) / static_cast<A>(n);
+          const A r = static_cast<A>(1.0 / std::sqrt(static_cast<double>(var) + eps));
+          mp[i] = m;
+          rs[i] = r;
+          row_normalize<T>(static_cast<const A*>(xf), wp, bp, m, r, yp + i * n, n);
+          continue;
+        }
         const A m = row_mean(row, n);
         const A var = row_centered_sumsq(row, m, n) / static_cast<A>(n);
         const A r = static_cast<A>(1.0 / std::sqrt(static_cast<double>(var) + eps));
         mp[i] = m;
         rs[i] = r;
-        row_normalize(row, wp, bp, m, r, yp + i * n, n);
+        row_normalize<T>(row, wp, bp, m, r, yp + i * n, n);
       }
     });
   });
