@@ -352,10 +352,13 @@ def test_opcheck_linear_cross_entropy_with_gradients_in_the_forward():
 def test_default_chunk_size_bounds_the_logits_buffer():
     """The CPU default: a [chunk, V] buffer of about 8 MiB but never under 128 rows (the GEMMs slow
     down below that), and never more rows than there are tokens."""
-    from torchfast.ops.cross_entropy import CHUNK_BYTES, CHUNK_MIN_ROWS, default_chunk_size
+    from torchfast.ops.cross_entropy import CHUNK_BYTES, CHUNK_MIN_ROWS, LARGE_MIN_ROWS, default_chunk_size
 
     assert default_chunk_size(4096, 32000, torch.float32) == CHUNK_MIN_ROWS == 128  # 16 MiB, not 65 rows
-    assert default_chunk_size(4096, 128256, torch.bfloat16) == 128
+    assert default_chunk_size(4096, 128256, torch.bfloat16) == LARGE_MIN_ROWS == 256  # a 250 KiB row
+    assert default_chunk_size(4096, 128256, torch.float32) == 256
+    assert default_chunk_size(4096, 100_000, torch.bfloat16) == 128  # 195 KiB rows: not "large"
+    assert default_chunk_size(100, 128256, torch.bfloat16) == 100
     assert default_chunk_size(100_000, 4000, torch.float32) == 512  # 8 MiB fit 524 rows: a multiple of 32
     assert default_chunk_size(4096, 32000, torch.bfloat16) == 128  # 131 rows fit: 4096 splits into 32
     assert all(default_chunk_size(10**6, v, torch.float32) * v * 4 <= CHUNK_BYTES for v in (1000, 4000, 16000))

@@ -61,18 +61,28 @@ LINEAR_SCHEMAS = {
 # of grad_weight. Fewer rows would slow the GEMMs: at 4096 x 2048 x 32000 on one AVX-512 core, 128-row
 # chunks ran as fast as 512-row ones with the float32 GEMMs on oneDNN, and 64-row chunks 15% slower
 # (MKL); bfloat16 the same within noise. `bench_cross_entropy.py --part linear --chunk-size N` compares.
+#
+# Large vocabularies (a row of at least LARGE_ROW_BYTES: V >= 131072 in bfloat16, 65536 in float32) take
+# at least LARGE_MIN_ROWS rows: there the grad_hidden GEMM (M = rows, K = V) loses most at 128 rows
+# (4096 x 2048 x 128256, one AVX-512 core: 150 GFLOP/s at 128 rows against 176 at 256 in bfloat16,
+# 83 against 92 in float32, the other two GEMMs within 5% either way), and the buffer (63 / 125 MiB) is
+# still an eighth of grad_weight, which the step holds anyway.
 CHUNK_BYTES = 8 << 20
 CHUNK_MIN_ROWS = 128
+LARGE_ROW_BYTES = 250 << 10
+LARGE_MIN_ROWS = 256
 
 
 def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk: a [chunk, vocab] buffer of about CHUNK_BYTES (rounded down to a multiple of 32
-    rows) but at least CHUNK_MIN_ROWS rows, between 1 and `rows`."""
+    rows) but at least CHUNK_MIN_ROWS rows (LARGE_MIN_ROWS when a row is LARGE_ROW_BYTES or more),
+    between 1 and `rows`."""
     per_row = max(1, vocab * dtype.itemsize)
     # A multiple of 32 rows: the GEMM kernels work on row panels of 16 to 32 (at V = 32000 in bfloat16,
     # 131 rows left 3-row panels in every chunk and a 35-row last chunk of 4096 tokens).
     fit = CHUNK_BYTES // per_row // 32 * 32
-    return max(1, min(max(rows, 1), max(CHUNK_MIN_ROWS, fit)))
+    least = LARGE_MIN_ROWS if per_row >= LARGE_ROW_BYTES else CHUNK_MIN_ROWS
+    return max(1, min(max(rows, 1), max(least, fit)))
 
 
 # ---- kernels of the build without _C ---------------------------------------------------------------
