@@ -300,11 +300,8 @@ class _Plan:
         if not funcs:
             self.module_level_rotary(name, m)
             return
-        if self.excluded(name, "rope", old):
-            return
-        head = _head_dim(m)
+        head = self.rotary_head(name, m, old)
         if head is None:
-            self.left(name, "rope", old, f"head_dim {getattr(m, 'head_dim', None)!r} is not an even int")
             return
         for key, func in funcs.items():
             if not _rope_matches(func, m, (head,)):
@@ -318,6 +315,16 @@ class _Plan:
                 how = "instance forward"
             self.report.replaced.append(Patched(name, "rope", old, how, "torchfast.rope"))
 
+    def rotary_head(self, name: str, m: nn.Module, old: str) -> int | None:
+        """The attention's head_dim when its rotary is to be fused, else None (excluded, or a head_dim
+        the rotation cannot take, which the report says)."""
+        if self.excluded(name, "rope", old):
+            return None
+        head = _head_dim(m)
+        if head is None:
+            self.left(name, "rope", old, f"head_dim {getattr(m, 'head_dim', None)!r} is not an even int")
+        return head
+
     def module_level_rotary(self, name: str, m: nn.Module) -> None:
         """An attention whose forward calls its module's `apply_rotary_pos_emb` directly (no kernel hook:
         Phi-3): its instance gets a copy of the class's forward that sees torchfast's function under that
@@ -328,11 +335,8 @@ class _Plan:
         original = namespace.get(_ROTARY)
         if not callable(original) or _ROTARY not in _code_names(cls_forward):
             return  # no rotary here (GPT-2's attention, a bidirectional encoder's...)
-        if self.excluded(name, "rope", old):
-            return
-        head = _head_dim(m)
+        head = self.rotary_head(name, m, old)
         if head is None:
-            self.left(name, "rope", old, f"head_dim {getattr(m, 'head_dim', None)!r} is not an even int")
             return
         widths = {head, _rotary_width(m, head)}
         if not _rope_matches(original, m, sorted(widths)):

@@ -36,11 +36,6 @@ inline Vectorized<A> exp_nonpos(const Vectorized<A>& v) {
   }
 }
 
-// The block's values in the math type: the row itself when it is already fp32/fp64 and not softcapped
-// (no copy), else `buf` filled by load_block.
-template <typename T, typename A>
-inline const A* block_values(const T* x, int64_t n, A cap, A* buf);
-
 template <typename A>
 inline A softcap_scalar(A x, A cap) {
   return cap > A(0) ? cap * std::tanh(x / cap) : x;
@@ -70,6 +65,8 @@ inline void load_block(const T* x, int64_t n, A cap, A* buf) {
   }
 }
 
+// The block's values in the math type: the row itself when it is already fp32/fp64 and not softcapped
+// (no copy), else `buf` filled by load_block.
 template <typename T, typename A>
 inline const A* block_values(const T* x, int64_t n, A cap, A* buf) {
   if constexpr (std::is_same_v<T, A>) {
