@@ -364,3 +364,138 @@ def test_default_chunk_size_bounds_the_logits_buffer():
     assert all(default_chunk_size(10**6, v, torch.float32) * v * 4 <= CHUNK_BYTES for v in (1000, 4000, 16000))
     assert default_chunk_size(10, 4000, torch.float32) == 10
     assert default_chunk_size(0, 4000, torch.float32) == 1
+
+
+# ---- linear_cross_entropy's two logits layouts --------------------------------------------------------
+# bfloat16/float16 chunks keep their logits as [V, chunk] and run the column kernels (ce_fwd_cols /
+# ce_bwd_cols); float32/float64 keep [chunk, V] and the row kernels. TORCHFAST_CE_LOGITS_LAYOUT forces
+# either, so both kernels are checked here in every dtype against the float64 reference.
+
+LAYOUTS = ["rows", "columns"]
+
+
+@pytest.mark.skipif(not torchfast._ext.built(), reason="the C++ chunk loop is in torchfast._C")
+@pytest.mark.parametrize("isa", torchfast._ext.runnable_cpu_isas() or ["none"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_logits_layouts_match_the_reference_on_every_isa(isa, layout, dtype, monkeypatch, restore_cpu_isa):
+    """70 tokens in chunks of 40 and 64: full 32-token groups, partial ones (8 and 6 tokens) and a
+    chunk smaller than one group (chunk 16); V = 300 spans five 64-class blocks with a tail."""
+    monkeypatch.setenv("TORCHFAST_CE_LOGITS_LAYOUT", layout)
+    if isa != "none":
+        torchfast._ext.set_cpu_isa(isa)
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(70, 24, generator=g).to(dtype)
+    w = (torch.randn(300, 24, generator=g) * 0.5).to(dtype)
+    b = (torch.randn(300, generator=g) * 0.1).to(dtype)
+    t = torch.randint(0, 300, (70,), generator=g)
+    t[::9] = -100
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {}
+    if dtype in (torch.bfloat16, torch.float16):  # the GEMMs round the logits (and dlogits), as F.linear's are
+        tol = {"rtol": 4e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-2, "atol": 5e-3}
+    for kwargs in ({"chunk_size": 40}, {"chunk_size": 64, "label_smoothing": 0.1, "z_loss": 1e-3},
+                   {"chunk_size": 16, "softcap": 3.0, "reduction": "sum"}, {"chunk_size": 40, "reduction": "none"}):
+        leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+        y = torchfast.linear_cross_entropy(*leaves[:2], t, leaves[2], **kwargs)
+        gy = torch.rand(y.shape, generator=g, dtype=torch.float64) + 0.5
+        grads = torch.autograd.grad(y, leaves, gy.to(y.dtype))
+        ref = [x.detach().double().requires_grad_() for x in leaves]
+        y_ref = _linear_ref(*ref[:2], t, ref[2], **dict(kwargs))
+        grads_ref = torch.autograd.grad(y_ref, ref, gy)
+        assert_close(y, y_ref, dtype=dtype, what=f"loss {layout} {kwargs}", **tol)
+        for name, got, want in zip(("hidden", "weight", "bias"), grads, grads_ref):
+            assert_close(got, want, dtype=dtype, what=f"grad {name} {layout} {kwargs}", **tol)
+
+
+def _special_logits_inputs(dtype, specials):
+    """hidden and weight whose product is the logits X (finite, random) with the given (token, classes,
+    value) entries replaced by -inf, +inf or NaN. A GEMM cannot take such values from its inputs (0 * inf
+    is NaN, spreading to every token), so they come from overflow: each token has a value channel (h = 1,
+    weight = X) and two channels of h = BIG whose weight is +-BIG where X is infinite (NaN: +BIG and -BIG,
+    inf - inf)."""
+    big = 1e200 if dtype == torch.float64 else 1e30
+    n, v = 40, 300
+    x = torch.randn(n, v, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2
+    h = torch.zeros(n, 3 * n, dtype=torch.float64)
+    w = torch.zeros(v, 3 * n, dtype=torch.float64)
+    x = x.to(dtype).double()  # the values the low-precision GEMM sees
+    for i in range(n):
+        h[i, 3 * i], h[i, 3 * i + 1], h[i, 3 * i + 2] = 1, big, big
+    w[:, 0::3] = x.t()
+    for i, cls, value in specials:
+        x[i, cls] = value
+        w[cls, 3 * i] = 0
+        if value != value:  # NaN
+            w[cls, 3 * i + 1], w[cls, 3 * i + 2] = big, -big
+        else:
+            w[cls, 3 * i + 1] = big if value > 0 else -big
+    return h.to(dtype), w.to(dtype), x
+
+
+@pytest.mark.skipif(not torchfast._ext.built(), reason="the C++ chunk loop is in torchfast._C")
+@pytest.mark.parametrize("isa", torchfast._ext.runnable_cpu_isas() or ["none"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_linear_logits_layouts_propagate_infinities_and_nan_like_torch(isa, layout, dtype, monkeypatch,
+                                                                      restore_cpu_isa):
+    monkeypatch.setenv("TORCHFAST_CE_LOGITS_LAYOUT", layout)
+    if isa != "none":
+        torchfast._ext.set_cpu_isa(isa)
+    inf, nan = float("inf"), float("nan")
+    t = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(6))
+    t[::7] = -100
+    t[0], t[1] = 200, 7
+    # Finite lse: token 0's first 150 classes (three 64-class blocks) are -inf, token 1's target is -inf.
+    finite = [(0, c, -inf) for c in range(150)] + [(1, 7, -inf), (1, 299, -inf)]
+    h, w, x = _special_logits_inputs(dtype, finite)
+    w.requires_grad_()
+    y = torchfast.linear_cross_entropy(h, w, t, reduction="none", chunk_size=40)
+    (gw,) = torch.autograd.grad(y.sum(), (w,))
+    xr = x.clone().requires_grad_()
+    y_ref = F.cross_entropy(xr, t, reduction="none")
+    (gx_ref,) = torch.autograd.grad(y_ref.sum(), (xr,))
+    assert_close(y, y_ref, dtype=dtype, what=f"loss {layout}")
+    assert y[1] == inf
+    # grad_weight's value channel of token i is d loss_i / d logits[i, :] (h = 1 there, 0 for the others).
+    assert_close(gw[:, 0::3].t(), gx_ref, dtype=dtype, what=f"d loss / d logits {layout}")
+    # NaN or +inf in a token's logits: lse and loss NaN; every logit of an all -inf token: lse -inf,
+    # loss NaN; their gradients NaN whatever the incoming gradient (F.cross_entropy's answers).
+    t[2:5] = torch.tensor([100, 3, 4])
+    bad = [(2, 100, nan), (3, 5, inf)] + [(4, c, -inf) for c in range(300)]
+    h, w, x = _special_logits_inputs(dtype, bad)
+    h.requires_grad_()
+    y = torchfast.linear_cross_entropy(h, w, t, reduction="none", chunk_size=40)
+    (gh,) = torch.autograd.grad(y.sum(), (h,))
+    y_ref = F.cross_entropy(x, t, reduction="none")
+    assert_close(y, y_ref, dtype=dtype, what=f"loss {layout}")
+    assert y[2:5].isnan().all() and y_ref[2:5].isnan().all()
+    assert gh[2:5].isnan().all()
+    ok = torch.ones(40, dtype=torch.bool)
+    ok[2:5] = False
+    assert gh[ok].isfinite().all()  # the NaN columns stay in their tokens
+
+
+@pytest.mark.skipif(not torchfast._ext.built(), reason="the C++ chunk loop is in torchfast._C")
+def test_linear_logits_layout_default_and_bad_setting(monkeypatch):
+    """The default is the column layout for bfloat16/float16 and the row layout for float32/float64:
+    each gives bit for bit what forcing that layout gives. A bad setting is refused by name."""
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(500, 32, generator=g) * 0.3
+    t = torch.randint(0, 500, (64,), generator=g)
+
+    def run(dtype, layout):
+        if layout is None:
+            monkeypatch.delenv("TORCHFAST_CE_LOGITS_LAYOUT", raising=False)
+        else:
+            monkeypatch.setenv("TORCHFAST_CE_LOGITS_LAYOUT", layout)
+        hh, ww = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        y = torchfast.linear_cross_entropy(hh, ww, t, chunk_size=48)
+        return (y, *torch.autograd.grad(y, (hh, ww)))
+
+    for dtype, layout in ((torch.bfloat16, "columns"), (torch.float16, "columns"), (torch.float32, "rows"),
+                          (torch.float64, "rows")):
+        for a, b in zip(run(dtype, None), run(dtype, layout)):
+            assert torch.equal(a, b), (dtype, layout)
+    monkeypatch.setenv("TORCHFAST_CE_LOGITS_LAYOUT", "cols")
+    with pytest.raises(ValueError, match="linear_cross_entropy.*TORCHFAST_CE_LOGITS_LAYOUT.*'rows' or 'columns'"):
+        torchfast.linear_cross_entropy(h, w, t)

@@ -123,7 +123,13 @@ inline bool ce_reduction_sums(const std::string& reduction, const char* op) {
 //   ce_fwd: loss[i], lse[i].
 //   ce_bwd: dx[i, :] = d loss_i / d x_i scaled by grad[i * grad_stride] (grad_stride 0: one value for all
 //           rows); dx may be x itself (in place: each element is read before it is written).
+//   ce_fwd_cols / ce_bwd_cols: the same for `cols` tokens stored column-major, element (class j, token i)
+//           at x[j * ld + i] (dx too, with the same ld), as linear_cross_entropy's bf16/fp16 chunks are.
 TORCHFAST_DECLARE_CPU_KERNEL(void, ce_fwd, c10::ScalarType, const void*, int64_t, const int64_t*, int64_t, int64_t,
                              const torchfast::CEOptions&, void*, void*)
 TORCHFAST_DECLARE_CPU_KERNEL(void, ce_bwd, c10::ScalarType, const void*, int64_t, const int64_t*, const void*,
                              const void*, int64_t, int64_t, int64_t, const torchfast::CEOptions&, void*, int64_t)
+TORCHFAST_DECLARE_CPU_KERNEL(void, ce_fwd_cols, c10::ScalarType, const void*, int64_t, const int64_t*, int64_t,
+                             int64_t, const torchfast::CEOptions&, void*, void*)
+TORCHFAST_DECLARE_CPU_KERNEL(void, ce_bwd_cols, c10::ScalarType, const void*, int64_t, const int64_t*, const void*,
+                             const void*, int64_t, int64_t, int64_t, const torchfast::CEOptions&, void*)

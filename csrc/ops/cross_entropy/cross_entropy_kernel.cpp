@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <vector>
 
 #include "cross_entropy.h"
 
@@ -187,6 +189,212 @@ void bwd_rows(const T* x, int64_t x_stride, const int64_t* target, const acc_t<T
   }
 }
 
+
+// ---- Column layout ----------------------------------------------------------------------------------
+// linear_cross_entropy's bf16/fp16 chunks keep their logits as [V, tokens] (the GEMMs run faster that
+// way; cross_entropy_cpu.cpp), so these kernels walk classes down the rows and keep one lane per token:
+// element (class j, token i) at x[j * ld + i]. Same math and special values as the row kernels above.
+// Tokens go in groups of kGroup lanes (one 64-byte line of bf16); classes in blocks of kColBlock rows,
+// widened (and softcapped) into an L1 buffer once, then read by the max and the exp loops. A task walks
+// its groups inside each block, so consecutive groups read consecutive bytes of each row.
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kColBlock = 64;
+
+// dst[0:kGroup] = softcap(p[0:w]) in the math type, lanes past w set to 0 (computed, never stored).
+template <typename T, typename A>
+inline void load_lanes(const T* p, int64_t w, A cap, A* dst) {
+  using V = Vectorized<A>;
+  if (w == kGroup) {
+    if constexpr (std::is_same_v<T, A>) {
+      for (int64_t k = 0; k < kGroup; k += V::size()) V::loadu(p + k).store(dst + k);
+    } else {
+      using R = Vectorized<T>;
+      for (int64_t k = 0; k < kGroup; k += R::size()) {
+        auto [a, b] = at::vec::convert_to_float<T>(R::loadu(p + k));
+        a.store(dst + k);
+        b.store(dst + k + V::size());
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < w; ++k) dst[k] = static_cast<A>(p[k]);
+    for (int64_t k = w; k < kGroup; ++k) dst[k] = A(0);
+  }
+  if (cap > A(0)) {
+    const V c(cap), inv(A(1) / cap);
+    for (int64_t k = 0; k < kGroup; k += V::size()) (c * (V::loadu(dst + k) * inv).tanh()).store(dst + k);
+  }
+}
+
+// p[0:w] = src[0:kGroup] rounded to T (lanes past w dropped).
+template <typename T, typename A>
+inline void store_lanes(const A* src, int64_t w, T* p) {
+  using V = Vectorized<A>;
+  if (w == kGroup) {
+    if constexpr (std::is_same_v<T, A>) {
+      for (int64_t k = 0; k < kGroup; k += V::size()) V::loadu(src + k).store(p + k);
+    } else {
+      using R = Vectorized<T>;
+      for (int64_t k = 0; k < kGroup; k += R::size()) {
+        round_to<T>(V::loadu(src + k), V::loadu(src + k + V::size())).store(p + k);
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < w; ++k) p[k] = static_cast<T>(src[k]);
+  }
+}
+
+template <typename T>
+void fwd_cols(const T* x, int64_t ld, const int64_t* target, int64_t g_begin, int64_t g_end, int64_t cols, int64_t n,
+              const CEOptions& o, acc_t<T>* loss, acc_t<T>* lse) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const A cap = static_cast<A>(o.softcap);
+  const A inf = std::numeric_limits<A>::infinity();
+  const bool smooth = o.label_smoothing != 0;
+  const int64_t groups = g_end - g_begin;
+  // Per token: running max, sum of exp(s - max), sum of s (label smoothing), NaN seen (all-ones bits).
+  std::vector<A> state(4 * groups * kGroup);
+  A* run_max = state.data();
+  A* run_sum = run_max + groups * kGroup;
+  A* run_tot = run_sum + groups * kGroup;
+  A* run_nan = run_tot + groups * kGroup;
+  std::fill(run_max, run_sum, -inf);
+  std::fill(run_sum, run_max + 4 * groups * kGroup, A(0));
+  alignas(64) A buf[kColBlock * kGroup];
+  const V ninf(-inf), zero(0), one(1);
+  for (int64_t b = 0; b < n; b += kColBlock) {
+    const int64_t cnt = std::min(kColBlock, n - b);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const int64_t i0 = (g_begin + gi) * kGroup, w = std::min(kGroup, cols - i0);
+      for (int64_t r = 0; r < cnt; ++r) load_lanes(x + (b + r) * ld + i0, w, cap, buf + r * kGroup);
+      for (int64_t k = 0; k < kGroup; k += V::size()) {
+        const int64_t s = gi * kGroup + k;
+        V bmax = ninf, btot = zero;
+        for (int64_t r = 0; r < cnt; ++r) {
+          const V v = V::loadu(buf + r * kGroup + k);
+          bmax = at::vec::maximum(bmax, v);  // propagates NaN
+          if (smooth) btot = btot + v;
+        }
+        if (smooth) (V::loadu(run_tot + s) + btot).store(run_tot + s);
+        const V isnan = bmax.isnan();
+        (V::loadu(run_nan + s) | isnan).store(run_nan + s);
+        bmax = V::blendv(bmax, ninf, isnan);  // a NaN lane's sum is never used: its lse is NaN
+        const V m_old = V::loadu(run_max + s);
+        const V m = at::vec::maximum(m_old, bmax);
+        // Rescale the running sum when the max grows: exp(-inf) = 0 from a lane's first finite block;
+        // a lane still all -inf keeps its sum of 0 (-inf - -inf would be NaN).
+        V sum = V::loadu(run_sum + s) * V::blendv((m_old - m).exp(), one, m == ninf);
+        // Subtract 0 where the max is infinite: an all -inf lane then adds exp(-inf) = 0, a +inf lane
+        // gives NaN below whatever it adds.
+        const V msub = V::blendv(m, zero, m.abs() == V(inf));
+        V bsum = zero;
+        for (int64_t r = 0; r < cnt; ++r) bsum = bsum + exp_nonpos(V::loadu(buf + r * kGroup + k) - msub);
+        (sum + bsum).store(run_sum + s);
+        m.store(run_max + s);
+      }
+    }
+  }
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t i0 = (g_begin + gi) * kGroup, w = std::min(kGroup, cols - i0);
+    for (int64_t k = 0; k < w; ++k) {
+      const int64_t s = gi * kGroup + k, i = i0 + k;
+      const A m = run_max[s];
+      const bool nan = run_nan[s] != A(0);  // all-ones bits (a NaN, != 0) or 0
+      // As the row kernel: all -inf gives lse -inf, NaN or +inf anywhere gives NaN.
+      const A l = (nan || m == inf) ? std::numeric_limits<A>::quiet_NaN() : m + std::log(run_sum[s]);
+      lse[i] = l;
+      const int64_t t = target[i];
+      if (t == o.ignore_index) {
+        loss[i] = 0;
+        continue;
+      }
+      const A st = softcap_scalar(static_cast<A>(x[t * ld + i]), cap);
+      A v = l - static_cast<A>(1.0 - o.label_smoothing) * st;
+      if (smooth) v -= static_cast<A>(o.label_smoothing) * run_tot[s] / static_cast<A>(n);
+      if (o.z_loss != 0) v += static_cast<A>(o.z_loss) * l * l;
+      loss[i] = v;
+    }
+  }
+}
+
+template <typename T>
+void bwd_cols(const T* x, int64_t ld, const int64_t* target, const acc_t<T>* lse, const acc_t<T>* grad,
+              int64_t grad_stride, int64_t g_begin, int64_t g_end, int64_t cols, int64_t n, const CEOptions& o,
+              T* dx) {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const A cap = static_cast<A>(o.softcap);
+  const A eps_v = static_cast<A>(o.label_smoothing / static_cast<double>(n));
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  const int64_t groups = g_end - g_begin;
+  // Per token: lse (0 where it is not finite), the factor of p, the constant subtracted, the NaN mask
+  // (all-ones bits where lse is not finite: the whole column is then NaN, as in the row kernel), and
+  // x at the target, read before an in-place write overwrites it.
+  std::vector<A> state(5 * groups * kGroup, A(0));
+  A* lv = state.data();
+  A* c1 = lv + groups * kGroup;
+  A* c0 = c1 + groups * kGroup;
+  A* bad = c0 + groups * kGroup;
+  A* xt = bad + groups * kGroup;
+  A all_ones;
+  std::memset(&all_ones, 0xff, sizeof(A));
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t i0 = (g_begin + gi) * kGroup, w = std::min(kGroup, cols - i0);
+    for (int64_t k = 0; k < w; ++k) {
+      const int64_t s = gi * kGroup + k, i = i0 + k;
+      const int64_t t = target[i];
+      const bool ignored = t == o.ignore_index;
+      const A g = ignored ? A(0) : grad[i * grad_stride];
+      const A l = lse[i];
+      const bool finite = std::isfinite(l);
+      lv[s] = finite ? l : A(0);
+      c1[s] = g * (A(1) + A(2) * static_cast<A>(o.z_loss) * l);
+      c0[s] = g * eps_v;
+      if (!finite) bad[s] = all_ones;
+      xt[s] = ignored ? A(0) : static_cast<A>(x[t * ld + i]);
+    }
+  }
+  alignas(64) A buf[kGroup];
+  const V capv(cap), one(1), nanv(nan);
+  for (int64_t b = 0; b < n; b += kColBlock) {
+    const int64_t cnt = std::min(kColBlock, n - b);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const int64_t i0 = (g_begin + gi) * kGroup, w = std::min(kGroup, cols - i0);
+      for (int64_t r = 0; r < cnt; ++r) {
+        const int64_t off = (b + r) * ld + i0;
+        load_lanes(x + off, w, cap, buf);  // in place (dx == x): read before written
+        for (int64_t k = 0; k < kGroup; k += V::size()) {
+          const int64_t s = gi * kGroup + k;
+          const V sv = V::loadu(buf + k);
+          V d = exp_nonpos(sv - V::loadu(lv + s)) * V::loadu(c1 + s) - V::loadu(c0 + s);
+          if (cap > A(0)) {
+            const V q = sv / capv;
+            d = d * (one - q * q);
+          }
+          V::blendv(d, nanv, V::loadu(bad + s)).store(buf + k);
+        }
+        store_lanes(buf, w, dx + off);
+      }
+    }
+  }
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t i0 = (g_begin + gi) * kGroup, w = std::min(kGroup, cols - i0);
+    for (int64_t k = 0; k < w; ++k) {
+      const int64_t s = gi * kGroup + k, i = i0 + k;
+      const int64_t t = target[i];
+      if (t == o.ignore_index || bad[s] != A(0)) continue;  // bad: all-ones bits (a NaN, != 0) or 0
+      // The target's class: the one-hot term, on the value computed from the saved x_t.
+      const A g = grad[i * grad_stride];
+      const A l = lse[i];
+      const A sx = softcap_scalar(xt[s], cap);
+      A d = std::exp(sx - l) * c1[s] - c0[s] - g * static_cast<A>(1.0 - o.label_smoothing);
+      if (cap > A(0)) d *= A(1) - (sx / cap) * (sx / cap);
+      dx[t * ld + i] = static_cast<T>(d);
+    }
+  }
+}
+
 }  // namespace
 
 void ce_fwd(c10::ScalarType dtype, const void* x, int64_t x_stride, const int64_t* target, int64_t rows, int64_t n,
@@ -210,6 +418,32 @@ void ce_bwd(c10::ScalarType dtype, const void* x, int64_t x_stride, const int64_
     at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
       bwd_rows(static_cast<const T*>(x), x_stride, target, static_cast<const A*>(lse), static_cast<const A*>(grad),
                grad_stride, begin, end, n, o, static_cast<T*>(dx), dx_stride);
+    });
+  });
+}
+
+void ce_fwd_cols(c10::ScalarType dtype, const void* x, int64_t ld, const int64_t* target, int64_t cols, int64_t n,
+                 const CEOptions& o, void* loss, void* lse) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const int64_t groups = (cols + kGroup - 1) / kGroup;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      fwd_cols(static_cast<const T*>(x), ld, target, begin, end, cols, n, o, static_cast<A*>(loss),
+               static_cast<A*>(lse));
+    });
+  });
+}
+
+void ce_bwd_cols(c10::ScalarType dtype, const void* x, int64_t ld, const int64_t* target, const void* lse,
+                 const void* grad, int64_t grad_stride, int64_t cols, int64_t n, const CEOptions& o, void* dx) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using A = acc_t<T>;
+    const int64_t groups = (cols + kGroup - 1) / kGroup;
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      bwd_cols(static_cast<const T*>(x), ld, target, static_cast<const A*>(lse), static_cast<const A*>(grad),
+               grad_stride, begin, end, cols, n, o, static_cast<T*>(dx));
     });
   });
 }
