@@ -34,6 +34,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+try:
+    import resource  # POSIX only
+except ImportError:
+    resource = None
+
 # -- statistics ---------------------------------------------------------------------------------------
 
 
@@ -182,11 +187,12 @@ class VariantResult:
     gbps: float | None = None
     copy_fraction: float | None = None
     saved: SavedBytes | None = None
+    faults_per_call: float | None = None  # minor page faults per call over the timed samples (CPU)
 
     def as_dict(self) -> dict:
         d = {"ms": self.ms.as_dict(), "samples_ms": self.samples_ms,
              "calls_per_sample": self.calls_per_sample,
-             "gbps": self.gbps, "copy_fraction": self.copy_fraction}
+             "gbps": self.gbps, "copy_fraction": self.copy_fraction, "faults_per_call": self.faults_per_call}
         if self.saved is not None:
             d["saved"] = asdict(self.saved)
         return d
@@ -272,6 +278,14 @@ def _sync(device: str) -> None:
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (getrusage), None where there is no resource module.
+    A fresh large output is paid for in such faults, and whether a call takes them depends on the
+    allocator's state (which freed blocks it reuses, whether it returned the heap's top to the OS),
+    not only on the op: two variants' times compare the kernels only where their faults per call do."""
+    return None if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def time_block(fn: Callable[[], Any], calls: int, device: str = "cpu", clock: str = "wall") -> float:
     """Seconds per call of `fn` over `calls` back-to-back calls. On CUDA the block is bracketed by
     events after a synchronize, so queued work from before does not leak into the sample.
@@ -339,6 +353,7 @@ def run_case(case: Case, config: Config) -> CaseResult:
 
     names = list(variants)
     samples: dict[str, list[float]] = {k: [] for k in names}
+    faults: dict[str, int] = {k: 0 for k in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside one variant's sample would charge it alone
@@ -346,7 +361,10 @@ def run_case(case: Case, config: Config) -> CaseResult:
         for r in range(config.repeats):
             shift = r % len(names)
             for k in names[shift:] + names[:shift]:
+                before = minor_faults()
                 samples[k].append(time_block(variants[k].fn, calls[k], config.device, config.clock) * 1e3)
+                if before is not None:
+                    faults[k] += minor_faults() - before
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -356,7 +374,9 @@ def run_case(case: Case, config: Config) -> CaseResult:
         ms = Stats.of(samples[k])
         moved = 2 * (case.bytes_moved // 2 // 4) * 4 if k == COPY else case.bytes_moved
         gbps = moved / (ms.median / 1e3) / 1e9 if moved else None
-        results[k] = VariantResult(k, ms, samples[k], calls[k], gbps, saved=saved.get(k))
+        per_call = faults[k] / (calls[k] * config.repeats) if config.device == "cpu" and resource else None
+        results[k] = VariantResult(k, ms, samples[k], calls[k], gbps, saved=saved.get(k),
+                                   faults_per_call=per_call)
     copy = results.pop(COPY, None)
     if copy is not None:
         for res in results.values():

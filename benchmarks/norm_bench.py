@@ -109,6 +109,16 @@ def times_table(bench: NormBench, results: list[H.CaseResult]) -> str:
                           "of torchfast over X (median of paired ratios; >1: torchfast is faster)")
 
 
+def faults_table(bench: NormBench, results: list[H.CaseResult]) -> str:
+    headers = ["mode", "dtype", "rows x n"] + list(bench.variants)
+    rows = [[r.params["mode"], r.params["dtype"], r.params["shape"]]
+            + ["-" if r.variants[v].faults_per_call is None else f"{r.variants[v].faults_per_call:.0f}"
+               for v in bench.variants] for r in results]
+    title = ("Minor page faults per call in the timed samples (getrusage): a ratio between variants whose "
+             "counts differ is partly the allocator's, not the kernels'")
+    return H.format_table(headers, rows, title)
+
+
 def bandwidth_table(bench: NormBench, results: list[H.CaseResult]) -> str:
     headers = ["mode", "dtype", "rows x n", "copy GB/s"] + [f"{v} GB/s (%copy)" for v in bench.variants]
     rows = []
@@ -212,6 +222,8 @@ def main(bench: NormBench, argv=None) -> int:
     elapsed = time.perf_counter() - t0
     print()
     print(times_table(bench, results))
+    print()
+    print(faults_table(bench, results))
     print()
     print(bandwidth_table(bench, results))
     if "fwd+bwd" in args.modes:

@@ -94,6 +94,35 @@ def test_every_cpu_isa_variant_keeps_special_values_in_their_row_at_every_width(
         assert_close(y[keep], ref[keep], dtype=dtype, what=f"width {n}")
 
 
+@pytest.mark.parametrize("isa", torchfast._ext.runnable_cpu_isas() or ["none"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("params", ["fp32", "same", "none"])
+def test_every_cpu_isa_variant_matches_reference_on_long_rows_of_a_large_input(isa, dtype, params, restore_cpu_isa):
+    """Inputs over 4 MiB whose rows (with their widened copy and parameters) overflow L1: the AVX2
+    bf16/fp16 forward then takes blocks of 16 rows column tile by column tile (keeps_widened_row in
+    layer_norm_kernel.cpp). Rows not a multiple of 16 and widths not a multiple of the tile or the
+    vector; a NaN and an inf stay in their rows."""
+    if isa == "none":
+        pytest.skip("torchfast._C is not built: no CPU ISA variants to check")
+    torchfast._ext.set_cpu_isa(isa)
+    rows, n = {"fp32": (1031, 2600), "same": (641, 3400), "none": (403, 5600)}[params]
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(rows, n, generator=gen) * 3 + 1).to(dtype)
+    assert x.numel() * x.element_size() > 4 << 20
+    x[3, n // 2] = float("nan")
+    x[rows - 1, n - 1] = float("inf")
+    pdt = torch.float32 if params == "fp32" else dtype
+    w = b = None
+    if params != "none":
+        w, b = (torch.rand(n, generator=gen) + 0.5).to(pdt), torch.randn(n, generator=gen).to(pdt)
+    y = torchfast.layer_norm(x, w, b, eps=1e-5)
+    ref = layer_norm_reference(x.double(), *(None if t is None else t.double() for t in (w, b)), eps=1e-5)
+    assert torch.equal(y.isnan(), ref.isnan())
+    keep = torch.ones(rows, dtype=torch.bool)
+    keep[[3, rows - 1]] = False
+    assert_close(y[keep], ref[keep], dtype=dtype, what=f"{rows}x{n}, {params} parameters")
+
+
 def test_rows_with_a_large_mean_or_an_outlier_are_as_accurate_as_torch():
     """The variance is taken around the mean in a second pass, not as E[x^2] - E[x]^2, which cancels
     catastrophically for such rows; and the mean is summed around the first element. The error against
