@@ -405,6 +405,16 @@ def test_linear_logits_layouts_match_the_reference_on_every_isa(isa, layout, dty
         assert_close(y, y_ref, dtype=dtype, what=f"loss {layout} {kwargs}", **tol)
         for name, got, want in zip(("hidden", "weight", "bias"), grads, grads_ref):
             assert_close(got, want, dtype=dtype, what=f"grad {name} {layout} {kwargs}", **tol)
+    # hidden without grad: the column layout's copy of h_c for grad_weight then has no grad_hidden rows
+    # to live in (a buffer of its own); and grad_bias alone.
+    for wanted in ((1, 2), (2,)):
+        leaves = [x.clone().requires_grad_(i in wanted) for i, x in enumerate((h, w, b))]
+        y = torchfast.linear_cross_entropy(*leaves[:2], t, leaves[2], chunk_size=40)
+        grads = torch.autograd.grad(y, [leaves[i] for i in wanted])
+        ref = [x.detach().double().requires_grad_(i in wanted) for i, x in enumerate((h, w, b))]
+        grads_ref = torch.autograd.grad(_linear_ref(*ref[:2], t, ref[2]), [ref[i] for i in wanted])
+        for i, got, want in zip(wanted, grads, grads_ref):
+            assert_close(got, want, dtype=dtype, what=f"grad {('hidden', 'weight', 'bias')[i]} alone {layout}", **tol)
 
 
 def _special_logits_inputs(dtype, specials):
