@@ -163,8 +163,8 @@ bool column_logits(const at::Tensor& h) {
   return h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
 }
 
-// One pass over the chunks. Each chunk's logits go into `buf`; with `fwd`, the row kernel writes loss and
-// lse; with gradients wanted, `grad` (per row, stride grad_stride) scales d loss / d logits, written over
+// One pass over the chunks. Each chunk's logits go into `buf`; with `fwd`, the row (or column) kernel
+// writes loss and lse; with gradients wanted, `grad` (per row, stride grad_stride) scales d loss / d logits, written over
 // the logits in place, and the three gradient GEMMs accumulate.
 void run_chunks(const Inputs& c, int64_t chunk, bool fwd, at::Tensor* loss, at::Tensor* lse,
                 const at::Tensor* grad, int64_t grad_stride, Grads* g) {

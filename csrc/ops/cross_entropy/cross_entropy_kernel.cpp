@@ -204,43 +204,17 @@ constexpr int64_t kColBlock = 64;
 // dst[0:kGroup] = softcap(p[0:w]) in the math type, lanes past w set to 0 (computed, never stored).
 template <typename T, typename A>
 inline void load_lanes(const T* p, int64_t w, A cap, A* dst) {
-  using V = Vectorized<A>;
-  if (w == kGroup) {
-    if constexpr (std::is_same_v<T, A>) {
-      for (int64_t k = 0; k < kGroup; k += V::size()) V::loadu(p + k).store(dst + k);
-    } else {
-      using R = Vectorized<T>;
-      for (int64_t k = 0; k < kGroup; k += R::size()) {
-        auto [a, b] = at::vec::convert_to_float<T>(R::loadu(p + k));
-        a.store(dst + k);
-        b.store(dst + k + V::size());
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < w; ++k) dst[k] = static_cast<A>(p[k]);
-    for (int64_t k = w; k < kGroup; ++k) dst[k] = A(0);
-  }
-  if (cap > A(0)) {
-    const V c(cap), inv(A(1) / cap);
-    for (int64_t k = 0; k < kGroup; k += V::size()) (c * (V::loadu(dst + k) * inv).tanh()).store(dst + k);
-  }
+  load_block(p, w, cap, dst);
+  std::fill(dst + w, dst + kGroup, A(0));
 }
 
-// p[0:w] = src[0:kGroup] rounded to T (lanes past w dropped).
+// p[0:w] = src[0:w] rounded to T.
 template <typename T, typename A>
 inline void store_lanes(const A* src, int64_t w, T* p) {
-  using V = Vectorized<A>;
-  if (w == kGroup) {
-    if constexpr (std::is_same_v<T, A>) {
-      for (int64_t k = 0; k < kGroup; k += V::size()) V::loadu(src + k).store(p + k);
-    } else {
-      using R = Vectorized<T>;
-      for (int64_t k = 0; k < kGroup; k += R::size()) {
-        round_to<T>(V::loadu(src + k), V::loadu(src + k + V::size())).store(p + k);
-      }
-    }
+  if constexpr (std::is_same_v<T, A>) {
+    std::copy(src, src + w, p);
   } else {
-    for (int64_t k = 0; k < w; ++k) p[k] = static_cast<T>(src[k]);
+    narrow_block(src, w, p);
   }
 }
 
